@@ -1,0 +1,207 @@
+"""One NNX decoder for the Llama, Qwen2 and Qwen3 families.
+
+The three families differ only in details the config carries: Qwen2 adds biases to the q/k/v
+projections, Qwen3 RMS-normalizes q and k per head, Llama 3 rescales RoPE frequencies, and small
+models tie the output head to the embedding. Layers are stored stacked (leading axis = layer) and
+run under `jax.lax.scan`, so a 30-layer model compiles as fast as a 1-layer one and every
+parameter has one sharding rule (see `mappa_jax.parallel`).
+
+Attention takes an explicit key mask. Without a cache the keys are the input tokens; with a cache
+the keys are the cache slots, the new keys are written at `cache_index`, and query i sits at slot
+`cache_index + i`. Positions are an input, so left-padded rows get the same RoPE phases (and logits)
+as the unpadded sequence.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mappa_jax.models.config import ModelConfig
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every per-layer linear map."""
+    d, q, kv, f = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer: [layers, batch, slots, kv_heads, head_dim]."""
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.jnp_dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse RoPE frequencies [head_dim/2], with the checkpoint's scaling applied."""
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv
+    if cfg.rope_scaling[0] == "linear":
+        return inv / cfg.rope_scaling[1]
+    _, factor, low_ff, high_ff, original_max = cfg.rope_scaling
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = original_max / low_ff, original_max / high_ff
+    # Long wavelengths are slowed by `factor`, short ones kept; the band between is interpolated.
+    smooth = (original_max / wavelen - low_ff) / (high_ff - low_ff)
+    interpolated = (1 - smooth) * inv / factor + smooth * inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(is_mid, interpolated, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the HF layout). x: [B, T, H, D]; positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q, k, v, q_slots, kv_mask, dtype):
+    """Grouped-query attention. q: [B,T,Hq,D]; k, v: [B,S,Hkv,D]; q_slots: [T]; kv_mask: [B,S]."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    causal = jnp.arange(k.shape[1])[None, :] <= q_slots[:, None]  # [T, S]
+    mask = causal[None, None, None] & kv_mask[:, None, None, None, :]
+    # A finite floor: fully masked rows (left padding) give a uniform softmax instead of NaN.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, hq * d)
+
+
+class Decoder(nnx.Module):
+    """Token ids -> next-token logits, with an optional KV cache and optional LoRA adapters."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(0.02)
+        pdt = cfg.jnp_param_dtype
+        n = cfg.num_layers
+
+        def stacked(*shape, ones=False, zeros=False):
+            if ones:
+                return nnx.Param(jnp.ones((n, *shape), pdt))
+            if zeros:
+                return nnx.Param(jnp.zeros((n, *shape), pdt))
+            return nnx.Param(init(rngs.params(), (n, *shape), pdt))
+
+        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt))
+        self.attn_norm = stacked(cfg.hidden_size, ones=True)
+        self.mlp_norm = stacked(cfg.hidden_size, ones=True)
+        for name, shape in projection_shapes(cfg).items():
+            setattr(self, name, stacked(*shape))
+        if cfg.qkv_bias:
+            self.q_bias = stacked(cfg.num_heads * cfg.head_dim, zeros=True)
+            self.k_bias = stacked(cfg.num_kv_heads * cfg.head_dim, zeros=True)
+            self.v_bias = stacked(cfg.num_kv_heads * cfg.head_dim, zeros=True)
+        if cfg.qk_norm:
+            self.q_norm = stacked(cfg.head_dim, ones=True)
+            self.k_norm = stacked(cfg.head_dim, ones=True)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pdt))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pdt))
+
+    def layer_params(self) -> dict[str, jax.Array]:
+        """The stacked per-layer arrays, keyed by name (the xs of the layer scan)."""
+        names = ["attn_norm", "mlp_norm", *PROJECTIONS]
+        names += ["q_bias", "k_bias", "v_bias"] if self.cfg.qkv_bias else []
+        names += ["q_norm", "k_norm"] if self.cfg.qk_norm else []
+        return {name: getattr(self, name)[...] for name in names}
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array,
+                 cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+                 lora=None) -> tuple[jax.Array, KVCache | None]:
+        """tokens, positions: [B, T] int; kv_mask: [B, S] bool over keys (S = T without a cache,
+        else the cache's slots). Returns float32 logits [B, T, V] and the updated cache."""
+        cfg, dt = self.cfg, self.cfg.jnp_dtype
+        b, t = tokens.shape
+        inv_freq = rope_inv_freq(cfg)
+        q_slots = cache_index + jnp.arange(t)
+        adapters = None if lora is None else lora.layer_params()
+        lora_scale = 0.0 if lora is None else lora.scale
+
+        def linear(x, w, name, lp_lora):
+            y = x @ w.astype(dt)
+            if lp_lora is not None and name in lp_lora:
+                a, bb = lp_lora[name]
+                y = y + ((x @ a.astype(dt)) @ bb.astype(dt)) * lora_scale
+            return y
+
+        def layer(carry, xs):
+            x, cache_k, cache_v, index = carry
+            lp, lp_lora = xs
+            h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+            q = linear(h, lp["q_proj"], "q_proj", lp_lora)
+            k = linear(h, lp["k_proj"], "k_proj", lp_lora)
+            v = linear(h, lp["v_proj"], "v_proj", lp_lora)
+            if cfg.qkv_bias:
+                q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
+            q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm:
+                q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            if cache_k is not None:
+                # Write this layer's new keys into its cache slice; attend over all slots.
+                layer_k = jax.lax.dynamic_update_slice_in_dim(cache_k[index], k.astype(cache_k.dtype), cache_index, axis=1)
+                layer_v = jax.lax.dynamic_update_slice_in_dim(cache_v[index], v.astype(cache_v.dtype), cache_index, axis=1)
+                cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_k, index, axis=0)
+                cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_v, index, axis=0)
+                k, v = layer_k.astype(dt), layer_v.astype(dt)
+            attn = attention(q, k, v, q_slots, kv_mask, dt)
+            x = x + linear(attn, lp["o_proj"], "o_proj", lp_lora)
+            h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+            gated = jax.nn.silu(linear(h, lp["gate_proj"], "gate_proj", lp_lora)) * linear(h, lp["up_proj"], "up_proj", lp_lora)
+            x = x + linear(gated, lp["down_proj"], "down_proj", lp_lora)
+            return (x, cache_k, cache_v, index + 1), None
+
+        x = self.embed[...].astype(dt)[tokens]
+        init = (x, None if cache is None else cache.k, None if cache is None else cache.v, 0)
+        (x, cache_k, cache_v, _), _ = jax.lax.scan(layer, init, (self.layer_params(), adapters))
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.dot(x, head.astype(dt), preferred_element_type=jnp.float32)
+        return logits, (None if cache is None else KVCache(cache_k, cache_v))
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """RoPE positions for a padded batch: each row counts from 0 at its first real token."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets) under float32 logits of the same leading shape (no temperature)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
