@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Sequence
 
 
@@ -34,6 +33,8 @@ class Action:
     messages: the chat the agent saw (system instructions, upstream context, its own earlier turns
     and their execution outputs) as role/content dicts; prompt_ids is that chat's exact token ids.
     sampling_wall_s is this action's share of its batched generate call; tool_wall_s its code run.
+    last_turn: no further turn of this agent follows. files_after: the workspace's files once this
+    action (and its code) finished; () for episodes without a workspace.
     """
     episode_id: str
     task_id: str
@@ -50,6 +51,8 @@ class Action:
     sampling_wall_s: float
     tool_wall_s: float
     seed: int
+    last_turn: bool
+    files_after: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -135,21 +138,3 @@ def intersection_length(a: Sequence[tuple[float, float]], b: Sequence[tuple[floa
         else:
             j += 1
     return total
-
-
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} in text (nested braces matched), or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i].strip()
-    return None

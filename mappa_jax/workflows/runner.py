@@ -16,8 +16,9 @@ from typing import Any, Callable, Sequence
 
 from mappa_jax.workflows.chat import ChatFormat, strip_think
 from mappa_jax.workflows.policy import Generation, Policy
+from mappa_jax.data.latex import last_boxed
 from mappa_jax.workflows.records import (Action, EpisodeResult, RunResult, RunTimings, ToolRecord,
-                                         intersection_length, interval_union, last_boxed)
+                                         intersection_length, interval_union)
 from mappa_jax.workflows.specs import AgentSpec, Topology
 
 
@@ -234,6 +235,11 @@ class EpisodeRunner:
             cells = self.extract_cells(strip_think(gen.text)) if spec.uses_python else []
             if cells:
                 tool = await self._run_code(episode, spec, turn, cells)
+            # Another turn only when code ran, the turn ended properly and turns remain.
+            last_turn = tool is None or gen.truncated or turn + 1 >= spec.max_turns
+            files_after = ()
+            if episode.workspace is not None:
+                files_after = tuple(list_files(_workspace_dir(episode.workspace)))
             action = Action(
                 episode_id=episode.result.episode_id, task_id=episode.result.task_id,
                 agent=spec.name, policy=spec.policy, turn=turn,
@@ -241,13 +247,12 @@ class EpisodeRunner:
                 logprobs=gen.logprobs, truncated=gen.truncated, text=gen.text,
                 messages=tuple(dict(m) for m in episode.messages), tool=tool,
                 sampling_wall_s=sampling_share, tool_wall_s=tool.wall_s if tool else 0.0,
-                seed=seed)
+                seed=seed, last_turn=last_turn, files_after=files_after)
             episode.result.actions.append(action)
             episode.history.append(_Turn(spec, turn, gen.text, tool))
             if self.on_action is not None:
                 self.on_action(action)
-            # Another turn only when code ran, the turn ended properly and turns remain.
-            if tool is None or gen.truncated or turn + 1 >= spec.max_turns:
+            if last_turn:
                 episode.agent_active = False
                 return
             content = execution_message(tool, self.topology.max_tool_output_chars)

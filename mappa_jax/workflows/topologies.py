@@ -24,8 +24,8 @@ your answer written as \\boxed{answer}."""
 
 CODE_EXECUTOR = _MATH_TEAM + """
 You are the Code Executor. Check the Problem Solver's work by computing the answer with Python. \
-Write one program in a ```python fenced block that prints what it computes; it is run as soon as \
-the block closes and you are shown its output. Then you get one more turn: fix the code if it \
+Write one program in a ```python fenced block that prints what it computes; it is run in a fresh \
+Python process as soon as the block closes and you are shown its output. Then you get one more turn: fix the code if it \
 failed, or state the computed answer as \\boxed{answer}."""
 
 VERIFIER = _MATH_TEAM + """
@@ -36,8 +36,9 @@ final answer written as \\boxed{answer}."""
 _DS_TEAM = ("You are one of three agents who solve a tabular machine-learning task together in a "
             "shared working directory: a Data Engineer prepares the data, a Modeler trains a model, "
             "and an Analyst writes the predictions. You act by writing Python in ```python fenced "
-            "blocks; each block is run in the working directory as soon as it closes and you see "
-            "its output, for up to four blocks. pandas, numpy and scikit-learn are installed; "
+            "blocks; each block is run in a fresh Python process in the working directory as soon "
+            "as it closes and you see its output, for up to four blocks. Variables do not carry "
+            "over from one block to the next; files do. pandas, numpy and scikit-learn are installed; "
             "there is no internet. Files are how you hand work to the next agent.")
 
 DATA_ENGINEER = _DS_TEAM + """

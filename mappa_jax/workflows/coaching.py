@@ -1,0 +1,54 @@
+"""From a recorded Action to the coach's CoachRequest (mappa_jax.coach.types)."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from mappa_jax.coach.types import CoachRequest
+from mappa_jax.workflows.records import Action, ToolRecord
+from mappa_jax.workflows.specs import Topology
+
+
+def transcript(messages: Sequence[Mapping[str, str]]) -> str:
+    """What an agent saw, as readable text: every message but the system one (the coach gets the
+    instructions separately), each under its role."""
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages if m["role"] != "system")
+
+
+def tool_output_text(tool: ToolRecord | None) -> str:
+    """Raw execution output for the coach (its prompt builder does the truncating)."""
+    if tool is None:
+        return ""
+    status = "timed out" if tool.timed_out else f"exit status {tool.exit_code}"
+    parts = [f"[{status}]"]
+    if tool.stdout:
+        parts.append("stdout:\n" + tool.stdout.rstrip())
+    if tool.stderr:
+        parts.append("stderr:\n" + tool.stderr.rstrip())
+    return "\n".join(parts)
+
+
+def to_coach_request(action: Action, topology: Topology, task: Any, *,
+                     harness_metrics: Mapping[str, Any] | None = None,
+                     ground_truth_roles: Sequence[str] = ()) -> CoachRequest:
+    """The coach's view of one action.
+
+    task: the episode's Task (its prompt, and its answer for roles in ground_truth_roles, which
+    must come from the coach config: `coach.ground_truth_roles`). harness_metrics: the metrics of
+    the submission as it stands after this action (the caller computes them for the Analyst).
+    The coach's rubric key is the agent name (problem_solver, ..., analyst).
+    """
+    if action.task_id != task.task_id:
+        raise ValueError(f"action of task {action.task_id!r} paired with task {task.task_id!r}")
+    spec = topology.agent(action.agent)
+    ground_truth = None
+    if action.agent in tuple(ground_truth_roles) and getattr(task, "answer", None) is not None:
+        ground_truth = str(task.answer)
+    return CoachRequest(
+        pipeline=topology.pipeline, task=task.prompt, role=spec.name,
+        role_instructions=spec.instructions, agent_input=transcript(action.messages),
+        agent_output=action.text, tool_output=tool_output_text(action.tool),
+        files_present=action.files_after,
+        files_created=action.tool.files_created if action.tool else (),
+        harness_metrics=dict(harness_metrics) if harness_metrics else None,
+        ground_truth=ground_truth, episode_id=action.episode_id, agent=action.agent,
+        turn=action.turn)
