@@ -1,0 +1,50 @@
+"""Shape buckets and numeric options of the sampler (a frozen dataclass, hashable, config-friendly)."""
+from __future__ import annotations
+
+import dataclasses
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_buckets(name: str, buckets) -> tuple[int, ...]:
+    buckets = tuple(int(b) for b in buckets)
+    if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"sampler.{name} must be a non-empty increasing list of positive ints, got {buckets}")
+    return buckets
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Every compiled program is specialised to one bucket of each kind; a call pads its actual
+    sizes up to the smallest bucket that fits, so after warm-up nothing compiles again.
+
+    batch_buckets: rows per program, for the distinct prompts (prefill) and for prompts x samples
+        (decode). Each must be a multiple of the mesh's data-parallel size. Larger calls are split.
+    prompt_buckets: prompt lengths (tokens, left-padded).
+    generation_buckets: max_new_tokens budgets (the KV cache holds prompt + generation bucket).
+    compute_dtype: overrides the model config's compute dtype (e.g. "bfloat16"); None keeps it.
+    cache_dtype: KV-cache dtype; None = the compute dtype.
+    pad_token_id: token written after a row stops and used to pad prompts.
+    """
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    generation_buckets: tuple[int, ...] = (16, 64, 256, 1024, 2048, 4096, 8192, 16384)
+    compute_dtype: str | None = None
+    cache_dtype: str | None = None
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        for name in ("batch_buckets", "prompt_buckets", "generation_buckets"):
+            object.__setattr__(self, name, _check_buckets(name, getattr(self, name)))
+        for name in ("compute_dtype", "cache_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in _DTYPES:
+                raise ValueError(f"sampler.{name}={value!r} is not one of {_DTYPES} or None")
+
+
+def bucket_for(size: int, buckets: tuple[int, ...], key: str, what: str) -> int:
+    """The smallest bucket >= size; a clear error naming the config key when none fits."""
+    for b in buckets:
+        if b >= size:
+            return b
+    raise ValueError(f"{what} {size} exceeds the largest entry {buckets[-1]} of sampler.{key}")

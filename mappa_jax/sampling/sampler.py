@@ -1,0 +1,202 @@
+"""The host API of generation: lists of token ids in, NumPy arrays out.
+
+    sampler = Sampler(model_cfg, SamplerConfig(), mesh, tokenizer=tok)
+    out = sampler.generate(params_state, [[1, 2, 3], [4, 5]], n=2, max_new_tokens=256,
+                           temperature=1.0, stop_strings=[("```python", "```")], seed=7)
+    out.tokens[i * n + j, :out.lengths[i * n + j]]   # sample j of prompt i
+
+Prompts of different lengths are left-padded into a prompt-length bucket (positions come from the
+mask, so logits equal the unpadded ones); the distinct prompts are prefilled once and their cache
+rows replicated n times; batch and generation budget snap to buckets too. A multi-turn
+continuation is simply a longer prompt (earlier context + new tokens), re-prefilled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mappa_jax.models.config import ModelConfig
+from mappa_jax.models.weights import abstract_model
+from mappa_jax.sampling.config import SamplerConfig, bucket_for
+from mappa_jax.sampling.engine import build_programs
+from mappa_jax.sampling.stops import compile_stop_patterns, stop_table_arrays, token_bytes
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Row r = prompt r // n, sample r % n. Arrays are [rows, max_new_tokens] on the host.
+
+    tokens: generated ids (the stop token / the token completing a stop string included), then pad.
+    logprobs: log p(token) under the unmodified policy (temperature 1, no top-k/top-p), 0 after length.
+    lengths: generated tokens per row.
+    truncated: the row used its whole budget without an EOS / stop token / stop string.
+    """
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    truncated: np.ndarray
+    decode_steps: int = 0  # loop iterations run (summed over batch chunks); < budget on early exit
+
+    def sequences(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def _as_state(obj):
+    """(graphdef or None, state) from an nnx.Module or an nnx.State / pytree of arrays."""
+    if isinstance(obj, nnx.Module):
+        return nnx.split(obj)
+    return None, obj
+
+
+class Sampler:
+    """Batched sampling for one model architecture; params and LoRA adapters are call arguments."""
+
+    def __init__(self, cfg: ModelConfig, config: SamplerConfig | None = None, mesh=None, tokenizer=None,
+                 token_pieces: Sequence[bytes] | None = None):
+        """mesh: a `mappa_jax.parallel.make_mesh` mesh (rows split over its data axes, params by its
+        rules) or None for the default device. tokenizer (or token_pieces, the bytes of each token
+        id) is needed only for stop strings."""
+        config = config or SamplerConfig()
+        if config.compute_dtype is not None:
+            cfg = cfg.replace(dtype=config.compute_dtype)
+        self.cfg, self.config, self.mesh, self.tokenizer = cfg, config, mesh, tokenizer
+        self.graphdef, _ = abstract_model(cfg)
+        self.cache_dtype = jnp.dtype(config.cache_dtype) if config.cache_dtype else cfg.jnp_dtype
+        self.batch_axes = None
+        if mesh is not None:
+            from mappa_jax.parallel import BATCH_AXES
+            self.batch_axes = BATCH_AXES
+            shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+            bad = [b for b in config.batch_buckets if b % shards]
+            if bad:
+                raise ValueError(f"sampler.batch_buckets {bad} are not multiples of the mesh's {shards} "
+                                 f"data-parallel shards ({'x'.join(BATCH_AXES)})")
+        self._programs: dict = {}
+        self._token_bytes = None if token_pieces is None else tuple(token_pieces)
+        self._no_stop_table = stop_table_arrays([], cfg.vocab_size)
+
+    # ---- compiled programs ----------------------------------------------------------------------
+    def _programs_for(self, lora_graphdef):
+        if lora_graphdef not in self._programs:
+            self._programs[lora_graphdef] = build_programs(
+                self.graphdef, lora_graphdef, self.cache_dtype, self.config.pad_token_id, self.mesh, self.batch_axes)
+        return self._programs[lora_graphdef]
+
+    def num_compiled(self) -> int:
+        """Compiled (shape-specialised) programs so far, over all LoRA variants."""
+        return sum(fn._cache_size() for pair in self._programs.values() for fn in pair)
+
+    # ---- placement --------------------------------------------------------------------------------
+    def _put_batch(self, x: np.ndarray):
+        if self.mesh is None:
+            return jax.device_put(x)
+        return jax.device_put(x, NamedSharding(self.mesh, P(self.batch_axes, *([None] * (x.ndim - 1)))))
+
+    def _put_replicated(self, x):
+        if self.mesh is None:
+            return jax.device_put(x)
+        return jax.device_put(x, NamedSharding(self.mesh, P()))
+
+    def _put_params(self, state):
+        if self.mesh is None or state is None:
+            return state
+        from mappa_jax.parallel import param_shardings
+        return jax.device_put(state, param_shardings(self.mesh, state))
+
+    # ---- stop handling --------------------------------------------------------------------------
+    def _stop_tables(self, stop_strings):
+        if not stop_strings:
+            return self._no_stop_table
+        if self.tokenizer is None and self._token_bytes is None:
+            raise ValueError("stop_strings need a tokenizer: pass Sampler(..., tokenizer=...)")
+        if self._token_bytes is None:
+            self._token_bytes = tuple(token_bytes(self.tokenizer))
+        return compile_stop_patterns(stop_strings, self._token_bytes, self.cfg.vocab_size)
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(self, params, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 stop_token_ids: Sequence[int] | None = None, stop_strings=(), seed: int = 0,
+                 lora=None) -> SampleOutput:
+        """Samples n continuations of every prompt (lists of token ids).
+
+        params: the decoder's nnx.State (or the Decoder itself); lora: LoraAdapters (module) or
+        None for the base model. temperature 0 is greedy; top_k <= 0 / top_p >= 1 disable those
+        filters. stop_token_ids defaults to the model's EOS ids; stop_strings are strings or tuples
+        of strings matched in order (see `mappa_jax.sampling.stops`). Same seed, same tokens.
+        """
+        cfg, sc = self.cfg, self.config
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        prompts = [list(p) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if min(p) < 0 or max(p) >= cfg.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+        budget = bucket_for(max_new_tokens, sc.generation_buckets, "generation_buckets", "max_new_tokens")
+        per_call = sc.batch_buckets[-1] // n
+        if per_call < 1:
+            raise ValueError(f"n={n} samples exceed the largest entry {sc.batch_buckets[-1]} of sampler.batch_buckets")
+
+        _, params = _as_state(params)
+        lora_graphdef, lora_state = _as_state(lora) if lora is not None else (None, None)
+        if lora is not None and lora_graphdef is None:
+            raise ValueError("lora must be a LoraAdapters module (its graph carries targets and scale)")
+        prefill, decode = self._programs_for(lora_graphdef)
+        params, lora_state = self._put_params(params), self._put_params(lora_state)
+
+        stop_ids = sorted(set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids))
+        stop_id_array = np.full((max(4, 1 << (len(stop_ids) - 1).bit_length()),), -1, np.int32)
+        stop_id_array[:len(stop_ids)] = stop_ids
+        table, accept = self._stop_tables(stop_strings)
+        scalars = [self._put_replicated(np.asarray(x, dtype)) for x, dtype in (
+            (seed, np.uint32), (temperature, np.float32), (top_k, np.int32), (top_p, np.float32),
+            (max_new_tokens, np.int32))]
+        shared = [self._put_replicated(a) for a in (stop_id_array, table, accept)]
+
+        parts = []
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start:start + per_call]
+            parts.append(self._generate_chunk(prefill, decode, params, lora_state, chunk, start, n, budget,
+                                              scalars, shared))
+        tokens, logprobs, lengths, stopped = (np.concatenate(x) for x in zip(*(p[:4] for p in parts)))
+        tokens, logprobs = tokens[:, :max_new_tokens], logprobs[:, :max_new_tokens]
+        return SampleOutput(tokens, logprobs, lengths, ~stopped, sum(int(p[4]) for p in parts))
+
+    def _generate_chunk(self, prefill, decode, params, lora_state, prompts, first_prompt, n, budget, scalars, shared):
+        sc = self.config
+        num_rows = len(prompts) * n
+        prompt_len = bucket_for(max(len(p) for p in prompts), sc.prompt_buckets, "prompt_buckets", "prompt length")
+        prefill_rows = bucket_for(len(prompts), sc.batch_buckets, "batch_buckets", "number of prompts")
+        decode_rows = bucket_for(num_rows, sc.batch_buckets, "batch_buckets", "prompts x n")
+        tokens = np.full((prefill_rows, prompt_len), sc.pad_token_id, np.int32)
+        mask = np.zeros((prefill_rows, prompt_len), bool)
+        mask[:, -1] = True  # filler rows: one pad token, so no row is fully masked
+        for i, p in enumerate(prompts):
+            tokens[i, prompt_len - len(p):] = p
+            mask[i, prompt_len - len(p):] = True
+        row_source = np.zeros((decode_rows,), np.int32)
+        row_source[:num_rows] = np.repeat(np.arange(len(prompts), dtype=np.int32), n)
+        active = np.arange(decode_rows) < num_rows
+        row_ids = (first_prompt * n + np.arange(decode_rows)).astype(np.int32)
+
+        cache, logits = prefill(params, lora_state, self._put_batch(tokens), self._put_batch(mask),
+                                self._put_batch(row_source), generation_slots=budget)
+        (out_tokens, out_logprobs, lengths, stopped, steps), _ = decode(
+            params, lora_state, cache, logits, self._put_batch(mask[row_source]), self._put_batch(active),
+            self._put_batch(row_ids), *scalars, *shared)
+        out = jax.device_get((out_tokens, out_logprobs, lengths, stopped))
+        return (*(np.asarray(x)[:num_rows] for x in out), int(steps))
