@@ -1,0 +1,77 @@
+"""Offline math tasks: our arithmetic word problems and reasoning-gym generators."""
+import re
+
+import pytest
+
+from mappa_jax.data import (DataError, SyntheticMathTasks, arithmetic_tasks, reasoning_gym_tasks,
+                            task_source)
+from mappa_jax.data.synthetic import arithmetic_task
+
+
+def _numbers(text):
+    return [int(n) for n in re.findall(r"\d+", text)]
+
+
+def _recompute(task):
+    """Independent re-reading of each template's statement: the numbers in order of mention."""
+    n = _numbers(task.prompt)
+    template = task.metadata["template"]
+    if template == "change":  # count, price, paid
+        return n[2] - n[0] * n[1]
+    if template == "sharing":  # start, each, friends, bought
+        return n[0] - n[1] * n[2] + n[3]
+    if template == "production":  # rate, hours, days, defective
+        return n[0] * n[1] * n[2] - n[3]
+    if template == "ages":  # factor, young age, years
+        return n[0] * n[1] + n[1] + 2 * n[2]
+    if template == "savings_split":  # weekly, weeks, extra, spent, people
+        total = n[0] * n[1] + n[2] - n[3]
+        assert total % n[4] == 0
+        return total // n[4]
+    raise AssertionError(template)
+
+
+@pytest.mark.parametrize("difficulty", [1, 3, 5])
+def test_arithmetic_answers_match_their_statements(difficulty):
+    tasks = arithmetic_tasks(60, seed=11, difficulty=difficulty)
+    for task in tasks:
+        assert task.answer == str(_recompute(task)), task.prompt
+        assert int(task.answer) >= 0
+    templates = {t.metadata["template"] for t in tasks}
+    assert templates == ({"change", "sharing"} if difficulty == 1 else
+                         {"change", "sharing", "production", "ages", "savings_split"})
+    assert len({t.task_id for t in tasks}) == 60
+
+
+def test_arithmetic_is_seeded_and_difficulty_scales_numbers():
+    assert arithmetic_tasks(5, seed=3) == arithmetic_tasks(5, seed=3)
+    assert arithmetic_tasks(5, seed=3) != arithmetic_tasks(5, seed=4)
+    assert arithmetic_task(3, 4) == arithmetic_tasks(5, seed=3)[4]  # any index regenerates alone
+    easy = max(max(_numbers(t.prompt)) for t in arithmetic_tasks(50, seed=0, difficulty=1))
+    hard = max(max(_numbers(t.prompt)) for t in arithmetic_tasks(50, seed=0, difficulty=5))
+    assert easy < 200 < hard
+    with pytest.raises(DataError, match="difficulty must be one of"):
+        arithmetic_task(0, 0, difficulty=9)
+
+
+def test_reasoning_gym_tasks_and_synthetic_builder(tmp_path):
+    import reasoning_gym
+    tasks = reasoning_gym_tasks("simple_equations", 4, seed=2)
+    reference = reasoning_gym.create_dataset("simple_equations", size=4, seed=2)
+    assert [(t.prompt, t.answer) for t in tasks] == [(e["question"], e["answer"])
+                                                    for e in reference]
+    assert {t.task_type for t in tasks} == {"simple_equations"}
+    with pytest.raises(DataError, match="reasoning-gym cannot create dataset 'no_such_gen'"):
+        reasoning_gym_tasks("no_such_gen", 2)
+
+    builder = SyntheticMathTasks(arithmetic_count=6, difficulty=2, seed=5,
+                                 reasoning_gym={"basic_arithmetic": 3, "gsm_symbolic": 2},
+                                 data_dir=tmp_path)
+    source = task_source(builder)
+    types = sorted(source.index_fields()[1])
+    assert types == ["arithmetic"] * 6 + ["basic_arithmetic"] * 3 + ["gsm_symbolic"] * 2
+    assert sorted(t.task_id for t in source) == sorted(
+        [t.task_id for t in arithmetic_tasks(6, 5, 2)]
+        + [f"basic_arithmetic/s5-{i}" for i in range(3)] + [f"gsm_symbolic/s5-{i}" for i in range(2)])
+    with pytest.raises(DataError, match="produced no tasks"):
+        SyntheticMathTasks(arithmetic_count=0, data_dir=tmp_path)
