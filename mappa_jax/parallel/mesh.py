@@ -49,12 +49,11 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The PartitionSpec of one parameter, by its name (last path entry that names a rule)."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     rule = next((_RULES[n] for n in reversed(names) if n in _RULES), None)
-    if rule is None:  # LoRA factors: {target}_a [L, in, r] / {target}_b [L, r, out]
-        leaf = names[-1] if names else ""
-        base = leaf[:-2] if leaf.endswith(("_a", "_b")) else None
-        if base in _RULES and len(shape) == 3:
-            split = _RULES[base][0] if leaf.endswith("_a") else _RULES[base][1]
-            rule = (split, None) if leaf.endswith("_a") else (None, split)
+    if rule is None:  # LoRA factors: {target}_a [L, in, r] split like W's input, {target}_b like its output
+        factor = next((n for n in reversed(names) if n[-2:] in ("_a", "_b") and n[:-2] in _RULES), None)
+        if factor is not None and len(shape) == 3:
+            in_axis, out_axis = _RULES[factor[:-2]]
+            rule = (in_axis, None) if factor.endswith("_a") else (None, out_axis)
     if rule is None:
         return P()  # norms, scalars: replicated
     spec = [None] * (len(shape) - len(rule)) + list(rule)
