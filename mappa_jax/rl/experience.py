@@ -1,0 +1,127 @@
+"""Experience: one agent's actions as padded arrays, and the builder that makes them.
+
+A row is one action: the exact prompt ids the agent saw followed by the exact ids it generated,
+padded to a length bucket; rows are padded to a batch bucket with invalid rows (never dropped).
+Per-token arrays are [B, T] aligned with `tokens`: entry t belongs to token t (its logprob is
+log p(tokens[t] | tokens[:t])). `action_mask` marks generated tokens; `valid` zeroes whole rows
+(truncated generations, actions whose reward is missing because the coach failed, batch padding).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Experience:
+    tokens: jax.Array            # [B, T] int32
+    attention_mask: jax.Array    # [B, T] bool, real tokens (prompt + generation)
+    action_mask: jax.Array       # [B, T] bool, generated tokens
+    valid: jax.Array             # [B] bool, rows that train
+    sampler_logprobs: jax.Array  # [B, T] float32, from the sampler (0 outside action_mask)
+    old_logprobs: jax.Array      # [B, T] float32, behaviour policy for the PPO ratio and KL
+    ref_logprobs: jax.Array      # [B, T] float32, frozen reference policy
+    rewards: jax.Array           # [B] float32, the action's reward (0 where missing)
+    group_ids: jax.Array         # [B] int32, prompt group (for group-scoped normalization)
+    advantages: jax.Array        # [B, T] float32, filled by the advantage computation
+
+    @property
+    def loss_mask(self) -> jax.Array:
+        """Tokens that enter the loss: generated tokens of valid rows."""
+        return self.action_mask & self.valid[..., None]
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1]
+
+    def replace(self, **changes) -> "Experience":
+        return dataclasses.replace(self, **changes)
+
+
+class Sample(NamedTuple):
+    """One action as the workflow records it. reward None = no usable judgement (masked out)."""
+    prompt_ids: Sequence[int]
+    generated_ids: Sequence[int]
+    sampler_logprobs: Sequence[float]
+    reward: float | None
+    truncated: bool
+    group_id: int = 0
+
+
+def snap_to_bucket(size: int, buckets: Sequence[int], what: str) -> int:
+    """The smallest bucket >= size."""
+    fitting = [b for b in sorted(buckets) if b >= size]
+    if not fitting:
+        raise ValueError(f"{what}: {size} exceeds the largest bucket {max(buckets)} of {sorted(buckets)}")
+    return fitting[0]
+
+
+def batch_bucket(count: int, buckets: Sequence[int], multiple: int = 1) -> int:
+    """Rows for `count` samples: the smallest bucket that holds them (beyond the largest, whole
+    multiples of it), rounded up to `multiple` (e.g. the train batch size x data shards)."""
+    buckets = sorted(buckets)
+    fitting = [b for b in buckets if b >= count]
+    rows = fitting[0] if fitting else -(-count // buckets[-1]) * buckets[-1]
+    return -(-max(rows, 1) // multiple) * multiple
+
+
+def build_experience(samples: Sequence[Sample | tuple], *, length_buckets: Sequence[int],
+                     batch_buckets: Sequence[int], batch_multiple: int = 1, pad_id: int = 0,
+                     padding_side: str = "right") -> Experience:
+    """Pad a list of actions (Sample or (prompt_ids, generated_ids, sampler_logprobs, reward|None,
+    truncated[, group_id]) tuples) into an Experience of bucketed shape. Arrays are NumPy; put them
+    on the mesh with `jax.device_put` (see `rl.update.PolicyUpdater.place`)."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side={padding_side!r} is not 'right' or 'left'")
+    if not length_buckets or not batch_buckets:
+        raise ValueError("build_experience needs non-empty length_buckets and batch_buckets")
+    samples = [s if isinstance(s, Sample) else Sample(*s) for s in samples]
+    for i, s in enumerate(samples):
+        if len(s.prompt_ids) == 0:
+            raise ValueError(f"sample {i}: empty prompt_ids (the first generated token needs a prefix)")
+        if len(s.sampler_logprobs) != len(s.generated_ids):
+            raise ValueError(f"sample {i}: {len(s.generated_ids)} generated ids but "
+                             f"{len(s.sampler_logprobs)} sampler_logprobs")
+    longest = max((len(s.prompt_ids) + len(s.generated_ids) for s in samples), default=1)
+    t = snap_to_bucket(longest, length_buckets, "sequence length (prompt + generation)")
+    b = batch_bucket(len(samples), batch_buckets, batch_multiple)
+
+    tokens = np.full((b, t), pad_id, np.int32)
+    attention = np.zeros((b, t), bool)
+    action = np.zeros((b, t), bool)
+    valid = np.zeros((b,), bool)
+    logprobs = np.zeros((b, t), np.float32)
+    rewards = np.zeros((b,), np.float32)
+    groups = np.zeros((b,), np.int32)
+    for row, s in enumerate(samples):
+        p, g = len(s.prompt_ids), len(s.generated_ids)
+        start = 0 if padding_side == "right" else t - p - g
+        tokens[row, start:start + p] = s.prompt_ids
+        tokens[row, start + p:start + p + g] = s.generated_ids
+        attention[row, start:start + p + g] = True
+        action[row, start + p:start + p + g] = True
+        logprobs[row, start + p:start + p + g] = s.sampler_logprobs
+        valid[row] = s.reward is not None and not s.truncated and g > 0
+        rewards[row] = 0.0 if s.reward is None else float(s.reward)
+        groups[row] = s.group_id
+    return Experience(tokens=tokens, attention_mask=attention, action_mask=action, valid=valid,
+                      sampler_logprobs=logprobs, old_logprobs=logprobs.copy(),
+                      ref_logprobs=np.zeros((b, t), np.float32), rewards=rewards, group_ids=groups,
+                      advantages=np.zeros((b, t), np.float32))
+
+
+def sample_counts(samples: Sequence[Sample | tuple]) -> dict[str, int]:
+    """How many actions train, and why the others are masked (for metrics)."""
+    samples = [s if isinstance(s, Sample) else Sample(*s) for s in samples]
+    return {"actions": len(samples),
+            "trained": sum(s.reward is not None and not s.truncated and len(s.generated_ids) > 0 for s in samples),
+            "truncated": sum(bool(s.truncated) for s in samples),
+            "reward_missing": sum(s.reward is None for s in samples)}

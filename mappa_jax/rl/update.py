@@ -1,0 +1,254 @@
+"""The per-agent policy update: one compiled, sharded program per model architecture.
+
+`PolicyUpdater.update` consumes a whole rollout batch [B, T] in B / train_batch_size optimizer
+steps (an outer `lax.scan`), each accumulating gradients over micro-batches (an inner
+`lax.scan`), inside one `jax.jit` with explicit in/out shardings and a donated train state.
+Parameters are arguments, so every agent with the same architecture (and batch bucket) reuses the
+same executable. Two policy layouts:
+- full: each agent trains its own parameter set; its reference is a separate frozen copy;
+- LoRA: agents share one frozen base and train only their `LoraAdapters`; the reference is the
+  base with adapters off, which costs no extra memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mappa_jax.models.decoder import positions_from_mask
+from mappa_jax.parallel import BATCH_AXES, batch_sharding, param_shardings, replicated
+from mappa_jax.rl.config import RLConfig
+from mappa_jax.rl.experience import Experience
+from mappa_jax.rl.kl import token_kl
+from mappa_jax.rl.losses import LOSS_AGGREGATIONS, POLICY_LOSSES, step_counts
+from mappa_jax.rl.optim import learning_rate_schedule, make_optimizer
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: Any      # the trained parameters: a full model state, or one agent's LoRA adapter state
+    opt_state: Any
+    step: jax.Array  # optimizer steps taken (the LR schedule's clock)
+
+
+@dataclasses.dataclass
+class AgentPolicy:
+    """One agent's trainable state plus what it reads but never trains."""
+    state: TrainState
+    frozen: Any | None  # LoRA: the shared base model state; full: None
+    reference: Any      # parameters of the reference policy (LoRA: the same shared base)
+
+
+def _constrain_batch(mesh, x: jax.Array, batch_dim: int) -> jax.Array:
+    spec = [None] * x.ndim
+    spec[batch_dim] = BATCH_AXES
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+class PolicyUpdater:
+    """Compiled logprob and update functions for one model architecture on one mesh."""
+
+    def __init__(self, graphdef, cfg: RLConfig, mesh, *, lora_graphdef=None):
+        self.graphdef = graphdef
+        self.lora_graphdef = lora_graphdef
+        self.cfg = cfg
+        self.mesh = mesh
+        self.tx = make_optimizer(cfg)
+        self.schedule = learning_rate_schedule(cfg)
+        self.batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if cfg.micro_batch_size % self.batch_shards:
+            raise ValueError(f"rl.micro_batch_size={cfg.micro_batch_size} is not a multiple of the "
+                             f"{self.batch_shards} batch shards of the mesh (data x fsdp)")
+        self._compiled: dict[tuple, Any] = {}
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_graphdef is not None
+
+    # ---- placement ----------------------------------------------------------------------------
+    def place_params(self, params):
+        return jax.device_put(params, param_shardings(self.mesh, params))
+
+    def place(self, exp: Experience) -> Experience:
+        """Experience arrays onto the mesh, batch split over the data axes."""
+        if exp.batch_size % self.batch_shards:
+            raise ValueError(f"experience batch {exp.batch_size} is not a multiple of the "
+                             f"{self.batch_shards} batch shards of the mesh")
+        return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(self.mesh, x.ndim)), exp)
+
+    def init_state(self, trainable) -> TrainState:
+        """A train state owning a sharded copy of `trainable` (the update donates it)."""
+        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                         out_shardings=param_shardings(self.mesh, trainable))(trainable)
+        opt_shape = jax.eval_shape(self.tx.init, params)
+        opt_shardings = param_shardings(self.mesh, opt_shape)
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
+        return TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated(self.mesh)))
+
+    def new_full_agent(self, params, reference=None) -> AgentPolicy:
+        """An agent with its own full parameter set; its reference is a frozen copy (default: the
+        initial params; copied because the train state is donated to the update)."""
+        if self.uses_lora:
+            raise ValueError("this updater trains LoRA adapters; use new_lora_agent")
+        ref = self.place_params(jax.tree.map(jnp.copy, params if reference is None else reference))
+        return AgentPolicy(self.init_state(params), None, ref)
+
+    def new_lora_agent(self, base, adapters) -> AgentPolicy:
+        """An agent training only `adapters` over the shared frozen `base` (place it once with
+        `place_params` and pass the same object to every agent)."""
+        if not self.uses_lora:
+            raise ValueError("this updater trains full parameters; build it with lora_graphdef to train LoRA")
+        return AgentPolicy(self.init_state(adapters), base, base)
+
+    # ---- the forward pass ---------------------------------------------------------------------
+    def _token_logprobs(self, base, lora, tokens, attention_mask, with_entropy: bool):
+        """log p(tokens[t] | tokens[:t]) and the entropy at t, [B, T] each (0 at t = 0)."""
+        model = nnx.merge(self.graphdef, base)
+        adapters = None if lora is None else nnx.merge(self.lora_graphdef, lora)
+        logits, _ = model(tokens, positions_from_mask(attention_mask), attention_mask, lora=adapters)
+        logp_all = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / self.cfg.temperature, axis=-1)
+        logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
+        pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1) if with_entropy else jnp.zeros_like(logp)
+        return pad(logp), pad(entropy)
+
+    def _model_params(self, trainable, frozen):
+        """(base, lora) for the forward pass."""
+        return (frozen, trainable) if self.uses_lora else (trainable, None)
+
+    def _jit(self, key, fn, args, out_shardings, donate=()):
+        """Compile `fn` once per pytree structure, with in_shardings taken from the rules."""
+        full_key = (key, jax.tree.structure(args))
+        if full_key not in self._compiled:
+            def shardings(x, is_batch):
+                if x is None:
+                    return None
+                if is_batch:
+                    return jax.tree.map(lambda a: batch_sharding(self.mesh, a.ndim), x)
+                return param_shardings(self.mesh, x)
+            in_shardings = tuple(shardings(a, isinstance(a, Experience)) for a in args)
+            self._compiled[full_key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                                               donate_argnums=donate)
+        return self._compiled[full_key]
+
+    def logprobs(self, base, lora, exp: Experience) -> tuple[jax.Array, jax.Array]:
+        """Token logprobs [B, T] of `exp.tokens` under base (+ lora), in micro-batches."""
+        mb = self.cfg.micro_batch_size
+        if exp.batch_size % mb:
+            raise ValueError(f"experience batch {exp.batch_size} is not a multiple of rl.micro_batch_size={mb}")
+
+        def run(base, lora, exp):
+            n = exp.batch_size // mb
+            split = lambda x: _constrain_batch(self.mesh, x.reshape(n, mb, *x.shape[1:]), 1)
+            def one(batch):
+                tokens, mask = batch
+                return self._token_logprobs(base, lora, tokens, mask, with_entropy=False)[0]
+            out = jax.lax.map(one, (split(exp.tokens), split(exp.attention_mask)))
+            return out.reshape(exp.tokens.shape)
+
+        fn = self._jit("logprobs", run, (base, lora, exp), batch_sharding(self.mesh, 2))
+        return fn(base, lora, exp)
+
+    def policy_logprobs(self, policy: AgentPolicy, exp: Experience) -> jax.Array:
+        return self.logprobs(*self._model_params(policy.state.params, policy.frozen), exp)
+
+    def reference_logprobs(self, policy: AgentPolicy, exp: Experience) -> jax.Array:
+        return self.logprobs(policy.reference, None, exp)
+
+    # ---- the update ---------------------------------------------------------------------------
+    def _micro_loss(self, trainable, frozen, batch: Experience, counts):
+        cfg = self.cfg
+        base, lora = self._model_params(trainable, frozen)
+        logp, entropy = self._token_logprobs(base, lora, batch.tokens, batch.attention_mask, cfg.compute_entropy)
+        mask = batch.loss_mask
+        aggregate = LOSS_AGGREGATIONS.get(cfg.loss_agg)
+        token_loss, clipped = POLICY_LOSSES.get(cfg.policy_loss)(
+            logp, batch.old_logprobs, batch.advantages, mask,
+            clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high)
+        policy_loss = aggregate(token_loss, mask, counts)
+        kl_ref = token_kl(logp, batch.ref_logprobs, mask, cfg.kl_estimator)
+        kl_loss = aggregate(kl_ref, mask, counts) if cfg.kl_mode == "loss" else jnp.zeros(())
+        loss = policy_loss + cfg.kl_coef * kl_loss
+        log_ratio = jnp.where(mask, logp - batch.old_logprobs, 0.0)
+        stop = jax.lax.stop_gradient
+        sums = {  # summed over tokens; divided by the token count of the whole update later
+            "clip_fraction": jnp.sum(clipped),
+            "approx_kl_old_new": stop(jnp.sum(-log_ratio)),
+            "approx_kl_old_new_k3": stop(jnp.sum(jnp.where(mask, jnp.expm1(log_ratio) - log_ratio, 0.0))),
+            "ratio": stop(jnp.sum(jnp.where(mask, jnp.exp(log_ratio), 0.0))),
+            "kl_ref": stop(jnp.sum(kl_ref)),
+            "entropy": stop(jnp.sum(jnp.where(mask, entropy, 0.0))),
+        }
+        return loss, (stop(policy_loss), stop(kl_loss), sums)
+
+    def _update(self, state: TrainState, frozen, exp: Experience):
+        cfg = self.cfg
+        steps = exp.batch_size // cfg.train_batch_size
+        micro = cfg.micro_batches_per_step
+        split = lambda x: _constrain_batch(
+            self.mesh, x.reshape(steps, micro, cfg.micro_batch_size, *x.shape[1:]), 2)
+        batches = jax.tree.map(split, exp)
+        grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+        def optimizer_step(state: TrainState, batch: Experience):
+            counts = step_counts(batch.loss_mask)
+
+            def micro_step(carry, mb):
+                grads, policy_loss, kl_loss, sums = carry
+                (_, (pl, kl, s)), g = grad_fn(state.params, frozen, mb, counts)
+                return (jax.tree.map(jnp.add, grads, g), policy_loss + pl, kl_loss + kl,
+                        jax.tree.map(jnp.add, sums, s)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in
+                         ("clip_fraction", "approx_kl_old_new", "approx_kl_old_new_k3", "ratio", "kl_ref", "entropy")}
+            (grads, policy_loss, kl_loss, sums), _ = jax.lax.scan(
+                micro_step, (zeros, jnp.zeros(()), jnp.zeros(()), zero_sums), batch)
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            # A step made only of padding rows leaves everything unchanged, the LR clock included.
+            has_tokens = counts["tokens"] > 0
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(has_tokens, n, o), new, old)
+            new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
+                                   state.step + has_tokens.astype(jnp.int32))
+            step_metrics = {"policy_loss": policy_loss, "kl_loss": kl_loss,
+                            "grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(state.step),
+                            "tokens": counts["tokens"], "has_tokens": has_tokens.astype(jnp.float32), **sums}
+            return new_state, step_metrics
+
+        state, per_step = jax.lax.scan(optimizer_step, state, batches)
+        real = per_step["has_tokens"]
+        n_real = jnp.maximum(jnp.sum(real), 1.0)
+        tokens = jnp.maximum(jnp.sum(per_step["tokens"]), 1.0)
+        metrics = {k: jnp.sum(per_step[k] * real) / n_real for k in ("policy_loss", "kl_loss", "grad_norm")}
+        metrics.update({k: jnp.sum(per_step[k]) / tokens for k in
+                        ("clip_fraction", "approx_kl_old_new", "approx_kl_old_new_k3", "ratio", "kl_ref", "entropy")})
+        metrics["learning_rate"] = jnp.max(jnp.where(real > 0, per_step["learning_rate"], 0.0))
+        metrics["optimizer_steps"] = jnp.sum(real)
+        metrics["trained_tokens"] = jnp.sum(per_step["tokens"])
+        mask = exp.loss_mask
+        adv_mean = jnp.sum(jnp.where(mask, exp.advantages, 0.0)) / tokens
+        metrics["advantage_mean"] = adv_mean
+        metrics["advantage_std"] = jnp.sqrt(jnp.sum(jnp.where(mask, jnp.square(exp.advantages - adv_mean), 0.0)) / tokens)
+        metrics["advantage_min"] = jnp.min(jnp.where(mask, exp.advantages, jnp.inf))
+        metrics["advantage_max"] = jnp.max(jnp.where(mask, exp.advantages, -jnp.inf))
+        return state, metrics
+
+    def update(self, policy: AgentPolicy, exp: Experience) -> tuple[AgentPolicy, dict[str, jax.Array]]:
+        """One pass over `exp` (placed, with advantages and ref/old logprobs filled). The old train
+        state is donated: use the returned policy."""
+        tb = self.cfg.train_batch_size
+        if exp.batch_size % tb:
+            raise ValueError(f"experience batch {exp.batch_size} is not a multiple of rl.train_batch_size={tb} "
+                             f"(build it with batch_multiple={tb})")
+        state_shardings = param_shardings(self.mesh, policy.state)
+        fn = self._jit("update", self._update, (policy.state, policy.frozen, exp),
+                       (state_shardings, replicated(self.mesh)), donate=(0,))
+        state, metrics = fn(policy.state, policy.frozen, exp)
+        return dataclasses.replace(policy, state=state), metrics
