@@ -117,3 +117,18 @@ def test_task_json_round_trip_and_validation():
         Task("t2", "poetry", "x", "p", "1")
     with pytest.raises(DataError, match="math task 't3' has no answer"):
         Task("t3", "math", "x", "p")
+
+
+def test_math_directory_tree_one_problem_per_file(tmp_path):
+    root = tmp_path / "MATH" / "test"
+    for subject, rows in (("algebra", MATH_ROWS[:1]), ("counting", MATH_ROWS[1:])):
+        (root / subject).mkdir(parents=True)
+        (root / subject / "12.json").write_text(json.dumps(rows[0]))
+    (root / "README.txt").write_text("not a problem file")
+    tasks = load_math_tasks([MathSource(str(root), "math")])
+    assert [(t.task_id, t.answer, t.metadata["type"]) for t in tasks] == [
+        ("math/algebra/12", r"\frac{1}{2}", "Algebra"), ("math/counting/12", r"\{1, 2\}",
+                                                          "Counting")]
+    with pytest.raises(DataError, match=r"no math problem files .* under .*empty"):
+        (tmp_path / "empty").mkdir()
+        load_math_tasks([MathSource(str(tmp_path / "empty"), "math")])

@@ -22,9 +22,10 @@ SPLIT = "tasks"
 class TaskDataSource:
     """Random-access view of a prepared task dataset: source[i] is a Task."""
 
-    def __init__(self, records, name: str):
+    def __init__(self, records, name: str, path: str):
         self._records = records
         self.name = name
+        self.path = path  # the prepared dataset's directory
 
     def __len__(self) -> int:
         return len(self._records)
@@ -45,7 +46,7 @@ class TaskDataSource:
         return (self[i] for i in range(len(self)))
 
     def __repr__(self) -> str:
-        return f"TaskDataSource({self.name!r}, {len(self)} tasks)"
+        return f"TaskDataSource({self.name!r}, {len(self)} tasks at {self.path})"
 
 
 class TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -186,7 +187,8 @@ class SyntheticMathTasks(TaskBuilder):
 def task_source(builder: TaskBuilder) -> TaskDataSource:
     """Prepare the builder's ArrayRecord files (once; later calls reuse them) and open them."""
     builder.download_and_prepare()
-    return TaskDataSource(builder.as_data_source()[SPLIT], builder.info.full_name)
+    return TaskDataSource(builder.as_data_source()[SPLIT], builder.info.full_name,
+                          str(builder.data_dir))
 
 
 def open_prepared(dataset_dir: str | pathlib.Path) -> TaskDataSource:
@@ -195,4 +197,5 @@ def open_prepared(dataset_dir: str | pathlib.Path) -> TaskDataSource:
     if not (dataset_dir / "dataset_info.json").is_file():
         raise DataError(f"not a prepared task dataset (no dataset_info.json): {dataset_dir}")
     builder = tfds.builder_from_directory(str(dataset_dir))
-    return TaskDataSource(builder.as_data_source()[SPLIT], builder.info.full_name)
+    return TaskDataSource(builder.as_data_source()[SPLIT], builder.info.full_name,
+                          str(dataset_dir))

@@ -109,4 +109,4 @@ def metrics_for(task_type: str) -> tuple[str, ...]:
     if task_type == REGRESSION:
         return REGRESSION_METRICS
     raise DataError(f"data-science task_type must be {CLASSIFICATION!r} or {REGRESSION!r}, "
-                                    f"got {task_type!r}")
+                    f"got {task_type!r}")
