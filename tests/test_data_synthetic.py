@@ -72,6 +72,7 @@ def test_reasoning_gym_tasks_and_synthetic_builder(tmp_path):
     assert types == ["arithmetic"] * 6 + ["basic_arithmetic"] * 3 + ["gsm_symbolic"] * 2
     assert sorted(t.task_id for t in source) == sorted(
         [t.task_id for t in arithmetic_tasks(6, 5, 2)]
-        + [f"basic_arithmetic/s5-{i}" for i in range(3)] + [f"gsm_symbolic/s5-{i}" for i in range(2)])
+        + [f"basic_arithmetic/s5-{i}" for i in range(3)]
+        + [f"gsm_symbolic/s5-{i}" for i in range(2)])
     with pytest.raises(DataError, match="produced no tasks"):
         SyntheticMathTasks(arithmetic_count=0, data_dir=tmp_path)

@@ -54,6 +54,7 @@ def check_no_overlap(train_tasks: Iterable[Task], eval_tasks: Iterable[Task]) ->
     problems = find_overlap(train_tasks, eval_tasks)
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        hidden = len(problems) - _MAX_LISTED
+        more = f"\n  ... and {hidden} more" if hidden > 0 else ""
         raise DataOverlapError(f"{len(problems)} evaluation task(s) also appear in the training "
                                f"data:\n  {listed}{more}")

@@ -129,7 +129,8 @@ class TaskPipeline:
 
     def get_state(self) -> dict[str, Any]:
         """JSON-serializable position: restoring it resumes with the very next batch."""
-        return {"version": STATE_VERSION, "next_batch": int(self._iterator.get_state()["next_index"]),
+        next_batch = int(self._iterator.get_state()["next_index"])
+        return {"version": STATE_VERSION, "next_batch": next_batch,
                 "seed": self.seed, "batch_size": self.batch_size, "stratify": self.stratify,
                 "num_tasks": self.num_tasks, "tasks_fingerprint": self._fingerprint}
 

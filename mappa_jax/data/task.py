@@ -66,7 +66,8 @@ class Task:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise DataError(f"task {self.task_id!r}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise DataError(f"task {self.task_id!r}: kind must be one of {KINDS}, "
+                            f"got {self.kind!r}")
         if not self.task_id:
             raise DataError("task_id must be a non-empty string")
         if self.kind == MATH and self.answer is None:
