@@ -132,3 +132,37 @@ def test_fair_aggregate_counts_failures(tmp_path):
     assert summary["regression"]["mae"] == pytest.approx((0.25 + 7.5 + 7.5) / 3)
     assert summary["regression"]["nrmse"] == pytest.approx(
         (0.5 + 2 * worst) / 3 / math.sqrt(1.25))
+
+
+def test_float_ids_align_with_integer_answers(tmp_path):
+    task = _task(tmp_path, "ids", "regression", [7, 8], [1.0, 3.0])
+    sub = pd.DataFrame({"id": [8.0, 7.0], "y": [3.0, 2.0]})
+    result = score_submission(task, _submit(tmp_path, "s", sub))
+    assert result.success and result.metrics["mae"] == pytest.approx(0.5)
+
+
+def test_model_trained_on_sklearn_task_files_scores_like_sklearn(tmp_path):
+    """The whole data-science path: task files -> a real model -> submission.csv -> metrics."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from mappa_jax.data import write_sklearn_tasks
+    task = write_sklearn_tasks(tmp_path, seed=0, names=("breast_cancer",))[0]
+    files = task.data_science
+    train, test = pd.read_csv(files.train_csv), pd.read_csv(files.test_csv)
+    features = [c for c in test.columns if c != files.id_column]
+    model = make_pipeline(StandardScaler(), LogisticRegression()).fit(
+        train[features], train[files.target_column])
+    proba = model.predict_proba(test[features])
+    submission = pd.DataFrame({files.id_column: test[files.id_column],
+                               files.target_column: model.predict(test[features])})
+    for column, label in enumerate(model.classes_):
+        submission[f"proba_{label}"] = proba[:, column]
+    result = score_submission(task, _submit(tmp_path, "submission", submission))
+    truth = pd.read_csv(files.answers_path).set_index(files.id_column).loc[
+        test[files.id_column], files.target_column]
+    assert result.success and result.metrics["accuracy"] > 0.9
+    assert result.metrics["accuracy"] == pytest.approx(
+        skm.accuracy_score(truth, submission[files.target_column]))
+    assert result.metrics["roc_auc"] == pytest.approx(skm.roc_auc_score(
+        truth == "malignant", submission["proba_malignant"]))

@@ -94,7 +94,7 @@ def no_skill(y_true: np.ndarray) -> dict[str, float]:
 # ---- reading and aligning ----------------------------------------------------------------
 
 def _label_strings(values: pd.Series) -> np.ndarray:
-    """Labels as comparable strings: 1, 1.0 and "1" agree; text labels are stripped."""
+    """Labels (or ids) as comparable strings: 1, 1.0 and "1" agree; text is stripped."""
     numeric = pd.to_numeric(values, errors="coerce")
     if numeric.notna().all():
         return np.array([str(int(v)) if float(v).is_integer() else repr(float(v))
@@ -121,8 +121,10 @@ def _read_submission(path: pathlib.Path, id_column: str, target_column: str) -> 
 def _align(answers: pd.DataFrame, submission: pd.DataFrame, id_column: str,
            path: pathlib.Path) -> pd.DataFrame:
     """Submission rows in the answers' order; every answer id must be present."""
-    keyed = submission.assign(_key=submission[id_column].astype(str).str.strip())
-    keys = answers[id_column].astype(str).str.strip()
+    keyed = submission.assign(_key=_label_strings(submission[id_column]))
+    if keyed["_key"].duplicated().any():
+        raise SubmissionError(f"{path}: ids repeat after normalization (e.g. 7 and 7.0)")
+    keys = pd.Series(_label_strings(answers[id_column]))
     missing = keys[~keys.isin(keyed["_key"])]
     if len(missing):
         raise SubmissionError(f"{path}: {len(missing)} of {len(keys)} test ids missing, e.g. "
