@@ -3,17 +3,14 @@ tokenizer; the scripted policy's tokenization, stops and call record."""
 import asyncio
 
 import pytest
-import transformers
 
-from mappa_jax.models.hub import smollm2_gguf_path
 from mappa_jax.workflows.chat import ChatFormat, strip_think
 from mappa_jax.workflows.policy import Generation, Policy, ScriptedPolicy
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    path = smollm2_gguf_path()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+def tokenizer(smollm2):
+    return smollm2[2]  # the session's SmolLM2 tokenizer (conftest): loading one costs seconds
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,8 @@ def test_first_prompt_is_the_template(chat, tokenizer):
     assert chat.encode(text) == ids and text.count(MESSAGES[1]["content"]) == 1
 
 
-@pytest.mark.parametrize("stop_strings,role", [(("```\n",), "user"), ((), "user"), ((), "tool")])
+@pytest.mark.parametrize("stop_strings,role", [((("```python", "```"),), "user"), ((), "user"),
+                                               ((), "tool")])
 def test_continuation_equals_full_conversation(chat, tokenizer, stop_strings, role):
     policy = ScriptedPolicy(tokenizer, {"p": [CODE_REPLY + ("Done." if not stop_strings else "")]})
     prompt, _ = chat.first_prompt(MESSAGES)
@@ -70,10 +68,10 @@ def test_scripted_policy_stops_eos_truncation_and_record(tokenizer):
     policy = ScriptedPolicy(tokenizer, script)
     assert isinstance(policy, Policy)
     prompts = [[1, 2, 3], [4, 5]]
-    stop = ("```\n",)
+    stop = (("```python", "```"), "never")
     first = asyncio.run(policy.generate("coder", prompts, 64, stop, 0.7, 11))
     assert len(first) == 2 and all(isinstance(g, Generation) for g in first)
-    assert first[0].text == "a\n```python\nprint(1)\n```\n"  # cut after the stop string
+    assert first[0].text == "a\n```python\nprint(1)\n```"  # cut where the block closes
     assert first[0].token_ids[-1] != tokenizer.eos_token_id and not first[0].truncated
     assert first[0].logprobs == (0.0,) * len(first[0].token_ids)
     second = asyncio.run(policy.generate("coder", prompts[:1], 64, stop, 0.7, 12))[0]

@@ -1,7 +1,9 @@
 """From a recorded Action to the coach's CoachRequest (mappa_jax.coach.types)."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import asyncio
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 from mappa_jax.coach.types import CoachRequest
 from mappa_jax.workflows.records import Action, ToolRecord
@@ -52,3 +54,41 @@ def to_coach_request(action: Action, topology: Topology, task: Any, *,
         harness_metrics=dict(harness_metrics) if harness_metrics else None,
         ground_truth=ground_truth, episode_id=action.episode_id, agent=action.agent,
         turn=action.turn)
+
+
+class CoachHandoff:
+    """An `on_action` for EpisodeRunner: builds each action's CoachRequest and submits it to the
+    coach client at once; the runner never waits for the verdict.
+
+    tasks: the batch's tasks (looked up by task_id). submission_metrics(task, path) -> metrics:
+    the harness score of the submission file (e.g. mappa_jax.eval's score_submission), given to
+    the coach for actions of agents that are expected to write it, once it exists.
+    """
+
+    def __init__(self, client: Any, topology: Topology, tasks: Sequence[Any], *,
+                 ground_truth_roles: Sequence[str] = (),
+                 submission_metrics: Callable[[Any, str], Mapping[str, Any] | None] | None = None):
+        self.client = client
+        self.topology = topology
+        self.tasks = {task.task_id: task for task in tasks}
+        self.ground_truth_roles = tuple(ground_truth_roles)
+        self.submission_metrics = submission_metrics
+        self.pending: dict[tuple[str, str, int], Any] = {}
+
+    def __call__(self, action: Action) -> None:
+        task = self.tasks[action.task_id]
+        metrics = None
+        name = self.topology.submission_file
+        if (self.submission_metrics is not None and name and action.workspace_dir
+                and name in self.topology.agent(action.agent).expected_files
+                and name in action.files_after):
+            metrics = self.submission_metrics(task, os.path.join(action.workspace_dir, name))
+        request = to_coach_request(action, self.topology, task, harness_metrics=metrics,
+                                   ground_truth_roles=self.ground_truth_roles)
+        self.pending[(action.episode_id, action.agent, action.turn)] = self.client.submit(request)
+
+    async def verdicts(self) -> dict[tuple[str, str, int], Any]:
+        """Every submitted action's verdict, keyed by (episode_id, agent, turn)."""
+        keys = list(self.pending)
+        results = await asyncio.gather(*(self.pending[k] for k in keys))
+        return dict(zip(keys, results))

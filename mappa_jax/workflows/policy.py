@@ -10,6 +10,10 @@ import dataclasses
 from typing import Any, Callable, Mapping, Protocol, Sequence, Union, runtime_checkable
 
 
+# A stop string, or strings that must appear in that order (as mappa_jax.sampling matches them).
+StopPattern = Union[str, tuple[str, ...]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     """One sampled completion.
@@ -37,7 +41,7 @@ class Policy(Protocol):
     """What the runner calls: one batched generation for a policy's prompts."""
 
     async def generate(self, policy_name: str, prompts: list[list[int]], max_new_tokens: int,
-                       stop_strings: Sequence[str], temperature: float,
+                       stop_strings: Sequence[StopPattern], temperature: float,
                        seed: int) -> list[Generation]:
         ...
 
@@ -52,9 +56,21 @@ class PolicyCall:
     policy_name: str
     prompts: tuple[tuple[int, ...], ...]
     max_new_tokens: int
-    stop_strings: tuple[str, ...]
+    stop_strings: tuple
     temperature: float
     seed: int
+
+
+def _match_end(text: str, pattern: StopPattern) -> int | None:
+    """Where a stop pattern (a string, or strings that must appear in order) ends in text."""
+    parts = (pattern,) if isinstance(pattern, str) else tuple(pattern)
+    position = 0
+    for part in parts:
+        found = text.find(part, position)
+        if found == -1:
+            return None
+        position = found + len(part)
+    return position
 
 
 class ScriptedPolicy:
@@ -62,7 +78,7 @@ class ScriptedPolicy:
 
     script maps policy name -> one completion per call to that policy, in call order (with one
     agent per policy, call k is the agent's turn k). A completion is text or a function of the
-    prompt text. Each completion is cut after the first stop string it contains (no end-of-turn
+    prompt text. Each completion is cut where its first stop pattern ends (no end-of-turn
     token then), otherwise the tokenizer's EOS id is appended; more than max_new_tokens ids are cut
     and flagged truncated. Logprobs are 0: a script puts probability 1 on its tokens. Every call is
     recorded in `calls` with exactly the prompt ids received.
@@ -78,7 +94,7 @@ class ScriptedPolicy:
         self.eos_id = eos if isinstance(eos, int) else eos[0]
 
     async def generate(self, policy_name: str, prompts: list[list[int]], max_new_tokens: int,
-                       stop_strings: Sequence[str], temperature: float,
+                       stop_strings: Sequence[StopPattern], temperature: float,
                        seed: int) -> list[Generation]:
         if policy_name not in self.script:
             raise KeyError(f"ScriptedPolicy has no script for policy {policy_name!r} "
@@ -99,11 +115,11 @@ class ScriptedPolicy:
             out.append(self._tokenize(text, max_new_tokens, stop_strings))
         return out
 
-    def _tokenize(self, text: str, max_new_tokens: int, stop_strings: Sequence[str]) -> Generation:
-        stops = [(text.find(s) + len(s)) for s in stop_strings if s and s in text]
-        stopped = bool(stops)
+    def _tokenize(self, text: str, max_new_tokens: int, stop_strings: Sequence[StopPattern]) -> Generation:
+        ends = [end for end in (_match_end(text, p) for p in stop_strings) if end is not None]
+        stopped = bool(ends)
         if stopped:
-            text = text[:min(stops)]
+            text = text[:min(ends)]
         ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         if not stopped:
             ids.append(self.eos_id)

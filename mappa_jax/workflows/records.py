@@ -7,7 +7,10 @@ from typing import Any, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class ToolRecord:
-    """One code execution: the cells run and what came back."""
+    """One code execution: the cells run and what came back (see mappa_jax.tools.ExecResult).
+
+    killed_reason: None when the code finished by itself, else why the sandbox stopped it.
+    """
     code: tuple[str, ...]
     stdout: str
     stderr: str
@@ -16,13 +19,17 @@ class ToolRecord:
     files_created: tuple[str, ...]
     files_present: tuple[str, ...]
     wall_s: float
+    files_modified: tuple[str, ...] = ()
+    killed_reason: str | None = None
 
     @classmethod
     def from_exec(cls, code: Sequence[str], result: Any) -> "ToolRecord":
         return cls(code=tuple(code), stdout=result.stdout, stderr=result.stderr,
                    exit_code=result.exit_code, timed_out=bool(result.timed_out),
                    files_created=tuple(result.files_created),
-                   files_present=tuple(result.files_present), wall_s=float(result.wall_s))
+                   files_present=tuple(result.files_present), wall_s=float(result.wall_s),
+                   files_modified=tuple(getattr(result, "files_modified", ())),
+                   killed_reason=getattr(result, "killed_reason", None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +41,7 @@ class Action:
     and their execution outputs) as role/content dicts; prompt_ids is that chat's exact token ids.
     sampling_wall_s is this action's share of its batched generate call; tool_wall_s its code run.
     last_turn: no further turn of this agent follows. files_after: the workspace's files once this
-    action (and its code) finished; () for episodes without a workspace.
+    action (and its code) finished; () for episodes without a workspace (workspace_dir "").
     """
     episode_id: str
     task_id: str
@@ -53,6 +60,7 @@ class Action:
     seed: int
     last_turn: bool
     files_after: tuple[str, ...] = ()
+    workspace_dir: str = ""
 
 
 @dataclasses.dataclass

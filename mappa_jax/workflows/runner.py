@@ -17,9 +17,11 @@ from typing import Any, Callable, Sequence
 from mappa_jax.workflows.chat import ChatFormat, strip_think
 from mappa_jax.workflows.policy import Generation, Policy
 from mappa_jax.data.latex import last_boxed
+from mappa_jax.tools import extract_code_cells
 from mappa_jax.workflows.records import (Action, EpisodeResult, RunResult, RunTimings, ToolRecord,
                                          intersection_length, interval_union)
 from mappa_jax.workflows.specs import AgentSpec, Topology
+from mappa_jax.workflows.workspaces import workspace_factory
 
 
 class EpisodeFailure(Exception):
@@ -39,6 +41,8 @@ def execution_message(tool: ToolRecord, max_chars: int) -> str:
     """How an execution result is shown to the agent (and to downstream agents)."""
     if tool.timed_out:
         status = "was stopped at the time limit"
+    elif tool.killed_reason:
+        status = f"was killed ({tool.killed_reason})"
     else:
         status = f"finished with exit status {tool.exit_code}"
     parts = [f"Your code {status}."]
@@ -92,18 +96,34 @@ class EpisodeRunner:
     """Runs batches of episodes through one topology.
 
     policy: a Policy (one generate call per agent turn). chat: the ChatFormat of the policies'
-    tokenizer. sandbox: object with `async run_cells(cells, workspace)` (mappa_jax.tools.Sandbox).
-    make_workspace(episode_id, task) -> workspace for one episode (needs a `.path` or `.root`
-    directory; data-science task files already copied in). extract_cells(text) -> code cells.
-    on_action(action): called once per finished action, never awaited.
+    tokenizer. sandbox: a mappa_jax.tools.Sandbox (needed when an agent uses python).
+    workspace_root: where each episode gets its workspace (data-science task files copied in);
+    make_workspace(episode_id, task) replaces that default. extract_cells(text): the code an agent
+    asked to run (default: mappa_jax.tools.extract_code_cells, which skips <think>).
+    on_action(action): called once per finished action, never awaited (hand it to the coach).
     episode_timeout_s: an episode still running after this long fails. tool_timeout_s: host-side
     bound on one code run (the sandbox has its own limit; this guards against a hung sandbox).
     """
 
-    def __init__(self, topology: Topology, policy: Policy, chat: ChatFormat, sandbox: Any,
-                 make_workspace: Callable[[str, Any], Any], extract_cells: Callable[[str], list[str]],
+    def __init__(self, topology: Topology, policy: Policy, chat: ChatFormat, *,
+                 sandbox: Any = None, workspace_root: str | os.PathLike | None = None,
+                 make_workspace: Callable[[str, Any], Any] | None = None,
+                 extract_cells: Callable[[str], list[str]] = extract_code_cells,
                  on_action: Callable[[Action], Any] | None = None,
                  episode_timeout_s: float | None = None, tool_timeout_s: float | None = None):
+        uses_python = [spec.name for spec in topology.agents if spec.uses_python]
+        if uses_python and sandbox is None:
+            raise ValueError(f"agents {uses_python} of topology {topology.name!r} run Python: "
+                             f"EpisodeRunner needs sandbox=")
+        if uses_python and make_workspace is None:
+            if workspace_root is None:
+                raise ValueError(f"agents {uses_python} of topology {topology.name!r} run Python: "
+                                 f"EpisodeRunner needs workspace_root= (or make_workspace=)")
+            make_workspace = workspace_factory(workspace_root)
+        for name, value in (("episode_timeout_s", episode_timeout_s),
+                            ("tool_timeout_s", tool_timeout_s)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
         self.topology = topology
         self.policy = policy
         self.chat = chat
@@ -232,14 +252,15 @@ class EpisodeRunner:
                            sampling_share: float, seed: int) -> None:
         try:
             tool = None
-            cells = self.extract_cells(strip_think(gen.text)) if spec.uses_python else []
+            cells = self.extract_cells(gen.text) if spec.uses_python else []
             if cells:
                 tool = await self._run_code(episode, spec, turn, cells)
             # Another turn only when code ran, the turn ended properly and turns remain.
             last_turn = tool is None or gen.truncated or turn + 1 >= spec.max_turns
             files_after = ()
             if episode.workspace is not None:
-                files_after = tuple(list_files(_workspace_dir(episode.workspace)))
+                files_after = tool.files_present if tool else tuple(
+                    list_files(_workspace_dir(episode.workspace)))
             action = Action(
                 episode_id=episode.result.episode_id, task_id=episode.result.task_id,
                 agent=spec.name, policy=spec.policy, turn=turn,
@@ -247,7 +268,8 @@ class EpisodeRunner:
                 logprobs=gen.logprobs, truncated=gen.truncated, text=gen.text,
                 messages=tuple(dict(m) for m in episode.messages), tool=tool,
                 sampling_wall_s=sampling_share, tool_wall_s=tool.wall_s if tool else 0.0,
-                seed=seed, last_turn=last_turn, files_after=files_after)
+                seed=seed, last_turn=last_turn, files_after=files_after,
+                workspace_dir=episode.result.workspace_dir)
             episode.result.actions.append(action)
             episode.history.append(_Turn(spec, turn, gen.text, tool))
             if self.on_action is not None:

@@ -31,7 +31,9 @@ class AgentSpec:
     turn in the episode workspace; "none" takes exactly one turn. upstream_text: how this agent sees
     upstream agents' outputs ("full", "no_think" = with <think>...</think> removed, "none").
     upstream_tool_outputs: whether it also sees their execution outputs. expected_files: files the
-    role must leave in the workspace (shown to the coach, checked by the harness).
+    role must leave in the workspace (shown to the coach, checked by the harness). stop_strings:
+    each a string, or a tuple of strings that must appear in that order (("```python", "```")
+    stops where a Python block closes, not at its opening backticks), as mappa_jax.sampling takes.
     """
     name: str
     role: str
@@ -42,7 +44,7 @@ class AgentSpec:
     upstream_text: str = "no_think"
     upstream_tool_outputs: bool = True
     max_new_tokens: int = 512
-    stop_strings: tuple[str, ...] = ()
+    stop_strings: tuple[str | tuple[str, ...], ...] = ()
     temperature: float = 1.0
     expected_files: tuple[str, ...] = ()
 
@@ -118,6 +120,21 @@ def _str_tuple(where: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _stop_patterns(where: str, value: Any) -> tuple[str | tuple[str, ...], ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TopologyConfigError(f"{where} must be a list of strings or string tuples, got {value!r}")
+    patterns = []
+    for i, item in enumerate(value):
+        if isinstance(item, (list, tuple)) and item:
+            patterns.append(_str_tuple(f"{where}[{i}]", item))
+        elif isinstance(item, str) and item:
+            patterns.append(item)
+        else:
+            raise TopologyConfigError(f"{where}[{i}] must be a non-empty string or tuple of "
+                                      f"strings, got {item!r}")
+    return tuple(patterns)
+
+
 def agent_from_config(name: str, cfg: Any, where: str = "agents") -> AgentSpec:
     """Validates one agent's config (keys, types, ranges) and builds its AgentSpec."""
     where = f"{where}.{name}"
@@ -146,9 +163,10 @@ def agent_from_config(name: str, cfg: Any, where: str = "agents") -> AgentSpec:
         values["temperature"] = float(values["temperature"])
     if "upstream_tool_outputs" in values:
         _check_type(f"{where}.upstream_tool_outputs", values["upstream_tool_outputs"], bool)
-    for key in ("stop_strings", "expected_files"):
-        if key in values:
-            values[key] = _str_tuple(f"{where}.{key}", values[key])
+    if "stop_strings" in values:
+        values["stop_strings"] = _stop_patterns(f"{where}.stop_strings", values["stop_strings"])
+    if "expected_files" in values:
+        values["expected_files"] = _str_tuple(f"{where}.expected_files", values["expected_files"])
     tools = values.get("tools", "none")
     if tools not in TOOLS:
         raise TopologyConfigError(f"{where}.tools must be one of {TOOLS}, got {tools!r}")

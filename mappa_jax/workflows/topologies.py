@@ -10,9 +10,9 @@ import ml_collections
 
 from mappa_jax.workflows.specs import agent_config
 
-# Generation of a code turn stops once a fenced block closes, so the code runs before the model
-# invents its output. A fence opening with a language tag ("```python") does not match.
-END_OF_CODE_BLOCK = "```\n"
+# Generation of a code turn stops once a Python block closes, so the code runs before the model
+# invents its output: "```python", then the next "```" (not the opener's own backticks).
+END_OF_CODE_BLOCK = ("```python", "```")
 
 _MATH_TEAM = ("You are one of three agents who solve a competition math problem together: a Problem "
               "Solver drafts a solution, a Code Executor checks it with Python, and a Verifier "
