@@ -23,6 +23,7 @@ import site
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 from mappa_jax.tools.config import SandboxConfig
@@ -118,11 +119,13 @@ class Backend:
             (staging / "workspace").mkdir(mode=0o755)
             (staging / "root").mkdir(mode=0o755)
             self._staging = staging
+            # Removed when the backend is closed or collected, or at interpreter exit.
+            self._cleanup = weakref.finalize(self, shutil.rmtree, staging, ignore_errors=True)
         return self._staging
 
     def close(self):
         if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            self._cleanup()
             self._staging = None
 
 
