@@ -76,3 +76,17 @@ def test_reasoning_gym_tasks_and_synthetic_builder(tmp_path):
         + [f"gsm_symbolic/s5-{i}" for i in range(2)])
     with pytest.raises(DataError, match="produced no tasks"):
         SyntheticMathTasks(arithmetic_count=0, data_dir=tmp_path)
+
+
+def test_builder_from_spec(tmp_path):
+    from mappa_jax.data import builder_from_spec
+    builder = builder_from_spec({"source": "synthetic", "arithmetic_count": 3, "seed": 2},
+                                data_dir=tmp_path)
+    assert sorted(t.task_id for t in task_source(builder)) == sorted(
+        t.task_id for t in arithmetic_tasks(3, seed=2))
+    with pytest.raises(DataError, match=r"unknown key\(s\) \['arithmetic_cnt'\]"):
+        builder_from_spec({"source": "synthetic", "arithmetic_cnt": 3}, data_dir=tmp_path)
+    with pytest.raises(DataError, match="'source' must be one of"):
+        builder_from_spec({"source": "kaggle"}, data_dir=tmp_path)
+    with pytest.raises(DataError, match="source 'dsbench'.*answers_root"):
+        builder_from_spec({"source": "dsbench", "tasks_root": "x"}, data_dir=tmp_path)

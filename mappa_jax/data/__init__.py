@@ -1,7 +1,7 @@
 """Tasks (math problems, data-science tasks), their TFDS builders and grain pipelines."""
 from mappa_jax.data.builders import (DSBenchTasks, MathFilesTasks, SklearnTasks,
-                                     SyntheticMathTasks, TaskDataSource, open_prepared,
-                                     task_source)
+                                     SyntheticMathTasks, TaskBuilder, TaskDataSource,
+                                     builder_from_spec, open_prepared, task_source)
 from mappa_jax.data.latex import last_boxed
 from mappa_jax.data.math_files import MathSource, load_math_tasks
 from mappa_jax.data.dsbench import load_dsbench_tasks
@@ -13,7 +13,8 @@ from mappa_jax.data.task import DataError, DataScienceFiles, Task
 
 __all__ = [
     "DSBenchTasks", "DataError", "DataOverlapError", "DataScienceFiles", "MathFilesTasks",
-    "MathSource", "SklearnTasks", "SyntheticMathTasks", "Task", "TaskDataSource", "TaskPipeline",
-    "arithmetic_tasks", "check_no_overlap", "last_boxed", "load_dsbench_tasks", "load_math_tasks",
-    "open_prepared", "reasoning_gym_tasks", "task_source", "write_sklearn_tasks",
+    "MathSource", "SklearnTasks", "SyntheticMathTasks", "Task", "TaskBuilder", "TaskDataSource",
+    "TaskPipeline", "arithmetic_tasks", "builder_from_spec", "check_no_overlap", "last_boxed",
+    "load_dsbench_tasks", "load_math_tasks", "open_prepared", "reasoning_gym_tasks",
+    "task_source", "write_sklearn_tasks",
 ]

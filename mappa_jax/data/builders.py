@@ -199,3 +199,40 @@ def open_prepared(dataset_dir: str | pathlib.Path) -> TaskDataSource:
     builder = tfds.builder_from_directory(str(dataset_dir))
     return TaskDataSource(builder.as_data_source()[SPLIT], builder.info.full_name,
                           str(dataset_dir))
+
+
+_SPEC_KEYS = {
+    "math_files": {"files"},
+    "dsbench": {"tasks_root", "answers_root", "id_prefix"},
+    "sklearn": {"files_dir", "seed", "test_fraction", "names"},
+    "synthetic": {"arithmetic_count", "difficulty", "seed", "reasoning_gym"},
+}
+
+
+def builder_from_spec(spec: Mapping, data_dir: str | pathlib.Path) -> TaskBuilder:
+    """A builder from a config value, e.g. {"source": "synthetic", "arithmetic_count": 512}.
+
+    source "math_files": files = [{"path", "task_type", "id_prefix"?}, ...];
+    "dsbench": tasks_root, answers_root[, id_prefix]; "sklearn": files_dir[, seed,
+    test_fraction, names]; "synthetic": arithmetic_count, difficulty, seed, reasoning_gym
+    ({generator: count}). Unknown sources or keys are errors naming them.
+    """
+    spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+    source = spec.pop("source", None)
+    if source not in _SPEC_KEYS:
+        raise DataError(f"data spec 'source' must be one of {sorted(_SPEC_KEYS)}, got {source!r}")
+    unknown = sorted(set(spec) - _SPEC_KEYS[source])
+    if unknown:
+        raise DataError(f"data spec for source {source!r}: unknown key(s) {unknown}; allowed "
+                        f"{sorted(_SPEC_KEYS[source])}")
+    try:
+        if source == "math_files":
+            files = [math_files.MathSource(**dict(entry)) for entry in spec.get("files", ())]
+            return MathFilesTasks(files, data_dir=data_dir)
+        if source == "dsbench":
+            return DSBenchTasks(**spec, data_dir=data_dir)
+        if source == "sklearn":
+            return SklearnTasks(**spec, data_dir=data_dir)
+        return SyntheticMathTasks(**spec, data_dir=data_dir)
+    except TypeError as err:  # a missing required key
+        raise DataError(f"data spec for source {source!r}: {err}") from err
