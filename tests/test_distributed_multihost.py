@@ -1,0 +1,137 @@
+"""Two real JAX processes on this machine form one CPU cluster over loopback (gloo collectives,
+4 CPU devices each): one global 8-device mesh, disjoint host shards, identical gathered lists, and
+a jitted sharded computation that agrees with NumPy and bit-for-bit across hosts.
+
+This file is also the worker: `run_local_cluster([python, this file])` runs `_worker()` in each
+process, which prints one `RESULT {json}` line for the test to compare. To test another multi-host
+program (e.g. training steps), write a worker that prints its RESULT line and reuse `_run_workers`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mappa_jax.parallel.distributed import LocalClusterError, run_local_cluster
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+ITEMS = [f"task-{i}" for i in range(11)]  # 11 over 2 hosts: uneven shards (6 + 5)
+
+
+def _run_workers(script: pathlib.Path, *args: str, num_processes: int = 2, devices: int = 4,
+                 timeout_s: float = 90.0) -> list[dict]:
+    """Run `script` as a local cluster and return each process's parsed RESULT line, in order."""
+    results = run_local_cluster([sys.executable, str(script), *args], num_processes, devices,
+                                timeout_s=timeout_s, cwd=REPO)
+    parsed = []
+    for r in results:
+        lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+        assert len(lines) == 1, f"process {r.process_id} printed no RESULT line:\n{r.stdout}\n{r.stderr[-3000:]}"
+        parsed.append(json.loads(lines[0][len("RESULT "):]))
+    return parsed
+
+
+def _worker() -> None:
+    start = time.monotonic()
+    from mappa_jax.parallel import batch_sharding, distributed, make_mesh, replicated
+    spec = distributed.initialize()  # auto: the MAPPA_* variables set by run_local_cluster
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    pid = jax.process_index()
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    # Host-side work: each host handles its shard; payload sizes differ per host (padding path).
+    local = distributed.host_shard(ITEMS)
+    done = [{"item": item, "host": pid, "note": "x" * (100 * (pid + 1))} for item in local]
+    gathered = distributed.gather_from_hosts(done)
+    seed = distributed.broadcast_from_host0(1234 + pid)
+
+    # Device work: each host contributes its rows of the batch; weights come from one shared key.
+    rng = np.random.default_rng(0)
+    x_full = rng.standard_normal((16, 8), dtype=np.float32)
+    rows = x_full[distributed.host_slice(len(x_full))]
+    x = jax.make_array_from_process_local_data(batch_sharding(mesh, 2), rows, x_full.shape)
+    w = jax.jit(lambda: jax.random.normal(jax.random.key(seed), (8, 6)),
+                out_shardings=NamedSharding(mesh, P("fsdp", "tensor")))()
+    step = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(axis=1), out_shardings=replicated(mesh))
+    y = step(x, w)
+    w_host = np.asarray(jax.jit(lambda w: w, out_shardings=replicated(mesh))(w))
+    print("RESULT " + json.dumps({
+        "mode": spec.mode, "process_index": pid, "process_count": jax.process_count(),
+        "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+        "mesh_devices": sorted(d.id for d in mesh.devices.flat), "mesh_shape": dict(mesh.shape),
+        "local": local, "gathered": gathered, "seed": seed,
+        "y": np.asarray(y).tolist(), "y_bytes": np.asarray(y).tobytes().hex(),
+        "reference": np.tanh(x_full @ w_host).sum(axis=1).tolist(),
+        "seconds": time.monotonic() - start}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    return _run_workers(pathlib.Path(__file__))
+
+
+def test_one_global_mesh_of_eight_devices(two_hosts):
+    for pid, r in enumerate(two_hosts):
+        assert r["mode"] == "explicit" and r["process_index"] == pid and r["process_count"] == 2
+        assert r["device_count"] == 8 and r["local_device_count"] == 4
+        assert r["mesh_shape"] == {"data": 2, "fsdp": 2, "tensor": 2}
+        assert len(set(r["mesh_devices"])) == 8
+    assert two_hosts[0]["mesh_devices"] == two_hosts[1]["mesh_devices"]
+
+
+def test_host_shard_is_disjoint_and_complete(two_hosts):
+    shards = [r["local"] for r in two_hosts]
+    assert not set(shards[0]) & set(shards[1])
+    assert shards[0] + shards[1] == ITEMS
+    assert [len(s) for s in shards] == [6, 5]
+
+
+def test_gather_from_hosts_gives_every_host_the_full_ordered_list(two_hosts):
+    first, second = (r["gathered"] for r in two_hosts)
+    assert first == second
+    assert [g["item"] for g in first] == ITEMS
+    # each item was processed exactly once, by the host that owned it
+    assert [g["host"] for g in first] == [0] * 6 + [1] * 5
+    assert {len(g["note"]) for g in first} == {100, 200}
+
+
+def test_broadcast_from_host0(two_hosts):
+    assert [r["seed"] for r in two_hosts] == [1234, 1234]
+
+
+def test_sharded_computation_matches_numpy_and_is_identical_on_both_hosts(two_hosts):
+    assert two_hosts[0]["y_bytes"] == two_hosts[1]["y_bytes"]
+    np.testing.assert_allclose(two_hosts[0]["y"], two_hosts[0]["reference"], rtol=1e-5, atol=1e-5)
+    assert max(r["seconds"] for r in two_hosts) < 60
+
+
+def test_a_failing_process_stops_the_cluster_quickly():
+    # Process 1 fails at once; process 0 would wait (as in a collective) and must be killed.
+    code = ("import os, sys, time\n"
+            "if os.environ['MAPPA_PROCESS_ID'] == '1':\n"
+            "    print('boom', file=sys.stderr); sys.exit(3)\n"
+            "time.sleep(60)\n")
+    start = time.monotonic()
+    with pytest.raises(LocalClusterError, match="a process failed") as err:
+        run_local_cluster([sys.executable, "-c", code], 2, 1, timeout_s=30)
+    assert time.monotonic() - start < 15
+    assert "boom" in str(err.value) and "exit 3" in str(err.value)
+
+
+def test_a_hanging_cluster_times_out():
+    start = time.monotonic()
+    with pytest.raises(LocalClusterError, match="timed out"):
+        run_local_cluster([sys.executable, "-c", "import time; time.sleep(60)"], 2, 1, timeout_s=2)
+    assert time.monotonic() - start < 10
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _worker()
