@@ -94,6 +94,18 @@ def test_pipeline_reads_array_record_source(tmp_path):
     assert sorted(t.task_id for b in batches for t in b) == sorted(t.task_id for t in source)
 
 
+def test_host_shards_partition_the_global_batch():
+    tasks = _tasks(MAPPA_DS)
+    whole = _ids(TaskPipeline(tasks, 16, seed=9, num_epochs=2))
+    shards = [_ids(TaskPipeline(tasks, 16, seed=9, num_epochs=2, shard_index=i, shard_count=4))
+              for i in range(4)]
+    for number, batch in enumerate(whole):
+        assert sorted(sum((shard[number] for shard in shards), [])) == sorted(batch)
+        assert all(len(shard[number]) == 4 for shard in shards)
+    with pytest.raises(DataError, match="count dividing batch_size 16"):
+        TaskPipeline(tasks, 16, seed=0, shard_index=0, shard_count=3)
+
+
 def test_bad_pipeline_arguments():
     with pytest.raises(DataError, match="empty task source"):
         TaskPipeline([], 4, seed=0)

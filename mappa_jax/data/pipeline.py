@@ -41,17 +41,26 @@ class TaskPipeline:
     num_epochs: None repeats forever. drop_remainder: drop a last, short batch.
     stratify: interleave task_type strata in proportion (see the module doc); when False the
     whole epoch is one shuffled stratum.
+    shard_index, shard_count: on a multi-host run each host passes jax.process_index() and
+    jax.process_count() and gets items shard_index::shard_count of every global batch; all
+    hosts compute the same global order, and one saved state restores every host.
     """
 
     def __init__(self, source: Sequence[Task], batch_size: int, seed: int,
                  num_epochs: int | None = None, stratify: bool = True,
-                 drop_remainder: bool = True, read_threads: int = 2):
+                 drop_remainder: bool = True, read_threads: int = 2,
+                 shard_index: int = 0, shard_count: int = 1):
         if len(source) == 0:
             raise DataError(f"cannot build batches from an empty task source ({source!r})")
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if num_epochs is not None and num_epochs <= 0:
             raise DataError(f"num_epochs must be positive or None, got {num_epochs}")
+        if not 0 <= shard_index < shard_count or batch_size % shard_count:
+            raise DataError(f"shard_index {shard_index} / shard_count {shard_count} must satisfy "
+                            f"0 <= index < count with count dividing batch_size {batch_size}")
+        self._shard = slice(shard_index, None, shard_count)
+        self.shard_count = shard_count
         self._source = source
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -107,7 +116,7 @@ class TaskPipeline:
         return np.concatenate(indices)[order]
 
     def batch_indices(self, batch: int) -> list[int]:
-        """Source indices of batch number `batch` (pure function of seed and batch)."""
+        """Source indices of global batch number `batch` (pure function of seed and batch)."""
         start = batch * self.batch_size
         stop = start + self.batch_size
         if self._slots_total is not None:
@@ -116,7 +125,7 @@ class TaskPipeline:
                 for slot in range(start, stop)]
 
     def _batch(self, batch: int) -> list[Task]:
-        return [self._source[i] for i in self.batch_indices(batch)]
+        return [self._source[i] for i in self.batch_indices(batch)[self._shard]]
 
     def __iter__(self):
         return self
@@ -132,11 +141,13 @@ class TaskPipeline:
         next_batch = int(self._iterator.get_state()["next_index"])
         return {"version": STATE_VERSION, "next_batch": next_batch,
                 "seed": self.seed, "batch_size": self.batch_size, "stratify": self.stratify,
-                "num_tasks": self.num_tasks, "tasks_fingerprint": self._fingerprint}
+                "num_tasks": self.num_tasks, "shard_count": self.shard_count,
+                "tasks_fingerprint": self._fingerprint}
 
     def set_state(self, state: dict[str, Any]) -> None:
         expected = self.get_state()
-        for key in ("version", "seed", "batch_size", "stratify", "num_tasks", "tasks_fingerprint"):
+        for key in ("version", "seed", "batch_size", "stratify", "num_tasks", "shard_count",
+                    "tasks_fingerprint"):
             if state.get(key) != expected[key]:
                 raise DataError(f"pipeline state does not match this pipeline: {key} is "
                                 f"{state.get(key)!r} in the state, {expected[key]!r} here")
