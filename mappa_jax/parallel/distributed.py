@@ -97,15 +97,14 @@ def _section(config) -> Mapping[str, Any]:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """The first host name of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    """The first host name of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003",
+    "rack[1-2]-n[07-08]" -> "rack1-n07"."""
     nodelist = nodelist.strip()
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not nodelist or match is None:
+    entry = re.match(r"(?:[^,\[\]]|\[[^\[\]]*\])+", nodelist)  # up to the first top-level comma
+    if entry is None or nodelist[entry.end():][:1] not in ("", ","):
         raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, ranges = match.group(1), match.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]  # keeps zero padding: "003-005" -> "003"
+    # each bracket group becomes its first value; zero padding is kept ("003-005" -> "003")
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], entry.group(0))
 
 
 def slurm_port(job_id: str) -> int:
