@@ -20,7 +20,7 @@ from mappa_jax.coach.limits import AsyncTokenBucket
 from mappa_jax.coach.parsing import parse_verdict
 from mappa_jax.coach.prompts import SCORE_SCHEMA, Prompt, build_prompt
 from mappa_jax.coach.redaction import redact
-from mappa_jax.coach.types import BackendError, CoachRequest, ParseError, RawResult, Verdict
+from mappa_jax.coach.types import BackendError, CoachCredentialsError, CoachRequest, ParseError, RawResult, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class CoachClient:
                concurrency: int = 32, rpm: float = 0, tpm: float = 0,
                cache: VerdictCache | None = None, tool_output_chars: int = 4000,
                agent_input_chars: int = 24000, max_output_tokens: int = 1024,
-               prices: dict[str, tuple[float, float]] | None = None, seed: int = 0):
+               prices: dict[str, tuple[float, float]] | None = None, rate_burst_s: float = 10.0,
+               seed: int = 0):
     if concurrency < 1:
       raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     self.backend = backend
@@ -54,9 +55,11 @@ class CoachClient:
     self._price = price_of(backend.model, prices)
     if self._price is None and backend.name in ("gemini", "openai"):
       self.ledger.unpriced_models.add(backend.model)
-    self._rpm = AsyncTokenBucket(rpm)
-    self._tpm = AsyncTokenBucket(tpm)
+    self._rpm = AsyncTokenBucket(rpm, burst_s=rate_burst_s)
+    self._tpm = AsyncTokenBucket(tpm, burst_s=rate_burst_s)
     self._semaphore: asyncio.Semaphore | None = None
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._prepared = False
     self._inflight: dict[str, asyncio.Future] = {}
     self._tasks: set[asyncio.Task] = set()
     self._rng = random.Random(seed)
@@ -158,6 +161,8 @@ class CoachClient:
         return self._fallback(e.reason, e, start, tokens_in, tokens_out)
       except asyncio.CancelledError:
         raise
+      except CoachCredentialsError as e:
+        return self._fallback("client_error", e, start, tokens_in, tokens_out)
       except Exception as e:  # pylint: disable=broad-except
         # A bug or an unexpected library error must not take the batch down; it is recorded.
         log.warning("coach backend raised %s: %s", type(e).__name__, redact(e))
@@ -185,8 +190,15 @@ class CoachClient:
     estimate = sum(len(t) for _, t in prompt.turns) // 4 + len(prompt.system) // 4 + self.max_output_tokens
     await self._rpm.acquire(1)
     await self._tpm.acquire(estimate)
-    if self._semaphore is None:  # created lazily: it must belong to the running loop
+    loop = asyncio.get_running_loop()
+    if self._loop is not loop:  # asyncio primitives belong to one loop; a new asyncio.run rebinds
+      self._loop = loop
       self._semaphore = asyncio.Semaphore(self.concurrency)
+      self._rpm.rebind()
+      self._tpm.rebind()
+    if not self._prepared:  # SDK imports and client setup must not eat the first call's timeout
+      self.backend.prepare()
+      self._prepared = True
     async with self._semaphore:
       self.ledger.calls += 1
       try:

@@ -30,6 +30,7 @@ def coach_config() -> ml_collections.ConfigDict:
   c.concurrency = 32           # calls in flight at once
   c.rpm = 1000.0               # requests per minute (0 = unlimited); Gemini tier-1 Flash is 1000
   c.tpm = 1_000_000.0          # tokens per minute, prompt estimate + max_output_tokens (0 = unlimited)
+  c.rate_burst_s = 10.0        # the rate buckets hold this many seconds of rpm/tpm for bursts
   c.max_output_tokens = 4096   # Gemini 2.5 counts thinking tokens against this
   c.cache_path = ""            # sqlite file; "" = in memory only (still exported into checkpoints)
   # Roles whose coach prompt includes the ground truth (the caller fills CoachRequest.ground_truth
@@ -78,7 +79,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   if c.backend not in BACKENDS:
     raise CoachConfigError(f"coach config key 'coach.backend' must be one of {BACKENDS}, got {c.backend!r}")
-  for key in ("timeout_s", "backoff_max_s"):
+  for key in ("timeout_s", "backoff_max_s", "rate_burst_s"):
     if not c[key] > 0:
       raise CoachConfigError(f"coach config key 'coach.{key}' must be > 0, got {c[key]!r}")
   for key in ("max_retries", "backoff_base_s", "rpm", "tpm", "tool_output_chars", "agent_input_chars"):
@@ -142,4 +143,5 @@ def make_coach(config: ml_collections.ConfigDict, *,
                      tpm=float(c.tpm), cache=VerdictCache(c.cache_path),
                      tool_output_chars=int(c.tool_output_chars),
                      agent_input_chars=int(c.agent_input_chars),
-                     max_output_tokens=int(c.max_output_tokens), prices=prices, seed=int(c.seed))
+                     max_output_tokens=int(c.max_output_tokens), prices=prices,
+                     rate_burst_s=float(c.rate_burst_s), seed=int(c.seed))

@@ -6,22 +6,26 @@ import time
 
 
 class AsyncTokenBucket:
-  """`per_minute` units refill continuously; bursts up to one minute's worth.
+  """`per_minute` units refill continuously; bursts up to `burst_s` seconds' worth.
 
   rate 0 disables the limit. A single request larger than the capacity is let through once the
   bucket is full (the balance goes negative) instead of waiting forever. Waiters are served in
   order (one lock), so a big request is not starved by small ones.
   """
 
-  def __init__(self, per_minute: float, *, clock=time.monotonic):
+  def __init__(self, per_minute: float, *, burst_s: float = 10.0, clock=time.monotonic):
     self.per_minute = float(per_minute)
-    self.capacity = float(per_minute)
+    self.capacity = float(per_minute) * burst_s / 60.0
     self._rate = float(per_minute) / 60.0
     self._clock = clock
     self._level = self.capacity
     self._stamp = clock()
     self._lock = asyncio.Lock()
     self.waited_s = 0.0  # total time callers spent waiting: shows when the limit binds
+
+  def rebind(self) -> None:
+    """A fresh lock for a new event loop (the level carries over)."""
+    self._lock = asyncio.Lock()
 
   @property
   def enabled(self) -> bool:

@@ -13,8 +13,10 @@ The answer follows markers written anywhere in the request (e.g. in the task tex
       unparseable       prose with numbers but no PROCESS_SCORE line and not JSON
       range             score 11
       echo401           HTTP 401 whose body echoes the credential the client sent (a leaky server)
+      leak              a valid answer whose reasoning quotes the credential the client sent
   the #tag keeps markers of different requests apart; hits are counted per full marker.
-Every response waits `latency_s` first. Counters: `hits` (all POSTs), `hits_by_marker`, `bodies`;
+Every response waits `latency_s` first. Counters: `hits` (all POSTs), `hits_by_marker`, `bodies`,
+`max_in_flight` (most requests being answered at once);
 GET /_stats returns the counters as JSON (for `FakeCoachServerProcess`, which keeps the server's
 work off the client's GIL, as a real remote server would be).
 """
@@ -35,6 +37,10 @@ _REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 401: "Unauth
             404: "Not Found", 400: "Bad Request", 200: "OK"}
 
 
+def _credential(headers: dict[str, str]) -> str:
+  return headers.get("x-goog-api-key") or headers.get("authorization", "")
+
+
 class FakeCoachServer:
   """Start with `with FakeCoachServer(latency_s=0.2) as server:`; `server.url` is the base URL."""
 
@@ -45,6 +51,8 @@ class FakeCoachServer:
     self.hits = 0
     self.hits_by_marker: collections.Counter = collections.Counter()
     self.bodies: list[dict[str, Any]] = []
+    self.in_flight = 0
+    self.max_in_flight = 0
     self.port = 0
     self._lock = threading.Lock()
     self._loop: asyncio.AbstractEventLoop | None = None
@@ -81,6 +89,7 @@ class FakeCoachServer:
       self.hits = 0
       self.hits_by_marker.clear()
       self.bodies.clear()
+      self.max_in_flight = 0
 
   def _run(self) -> None:
     self._loop = asyncio.new_event_loop()
@@ -127,7 +136,14 @@ class FakeCoachServer:
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
       body = await reader.readexactly(int(headers.get("content-length", 0)))
-      reply = await self._respond(method, path, headers, body)
+      with self._lock:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+      try:
+        reply = await self._respond(method, path, headers, body)
+      finally:
+        with self._lock:
+          self.in_flight -= 1
       if reply is None:  # "drop": hang up without a word
         writer.transport.abort()
         return
@@ -153,7 +169,7 @@ class FakeCoachServer:
     with self._lock:
       self.hits += 1
       if self.record_bodies:
-        self.bodies.append({"path": path, "body": request})
+        self.bodies.append({"path": path, "body": request, "credential": _credential(headers)})
       for match in _MARKER.finditer(text):
         self.hits_by_marker[match.group(0)] += 1
         count = match.group("count")
@@ -168,8 +184,7 @@ class FakeCoachServer:
       return code, {"error": {"code": code, "message": "injected fault", "status": status_name}}, (
           {"retry-after": "0"} if code == 429 else {})
     if fault == "echo401":
-      sent = headers.get("x-goog-api-key") or headers.get("authorization", "")
-      return 401, {"error": {"code": 401, "message": f"API key not valid: {sent}",
+      return 401, {"error": {"code": 401, "message": f"API key not valid: {_credential(headers)}",
                              "status": "UNAUTHENTICATED"}}, {}
     if fault == "hang":
       await asyncio.sleep(self.hang_s)
@@ -185,8 +200,11 @@ class FakeCoachServer:
     else:
       if fault == "range":
         score = 11
-      answer = (json.dumps({"reasoning": "checked the work", "score": score, "correct": None})
-                if wants_json else f"The agent's work was checked.\nPROCESS_SCORE: {score}")
+      reasoning = "checked the work"
+      if fault == "leak":
+        reasoning += f" (request signed with {_credential(headers)})"
+      answer = (json.dumps({"reasoning": reasoning, "score": score, "correct": None})
+                if wants_json else f"{reasoning}\nPROCESS_SCORE: {score}")
     tokens_in, tokens_out = max(1, len(text) // 4), max(1, len(answer) // 4)
     if gemini:
       return 200, {"candidates": [{"content": {"role": "model", "parts": [{"text": answer}]},

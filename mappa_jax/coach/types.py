@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from mappa_jax.coach.redaction import redact
+
 PIPELINES = ("mathchat", "datascience")
 
 
@@ -108,7 +110,7 @@ class BackendError(CoachError):
   """A backend call failed. `reason` is one of FALLBACK_REASONS; `retryable` drives the retry loop."""
 
   def __init__(self, reason: str, message: str, *, retryable: bool, retry_after_s: float | None = None):
-    super().__init__(message)
+    super().__init__(redact(message))  # server error bodies may echo the credential
     self.reason = reason
     self.retryable = retryable
     self.retry_after_s = retry_after_s
@@ -118,7 +120,7 @@ class ParseError(CoachError):
   """The coach answered but the answer is not a valid verdict. `reason` in FALLBACK_REASONS."""
 
   def __init__(self, reason: str, message: str):
-    super().__init__(message)
+    super().__init__(redact(message))
     self.reason = reason
 
 

@@ -16,6 +16,9 @@ class Backend(Protocol):
   model: str          # model id, part of the cache key and of the price lookup
   output_format: str  # "json" (schema-enforced) or "text" (PROCESS_SCORE line)
 
+  def prepare(self) -> None:
+    """One-time setup (imports, SDK clients) kept out of the first call's timeout."""
+
   async def score(self, prompt: Prompt, schema: dict[str, Any]) -> RawResult: ...
 
   def check_credentials(self) -> None: ...

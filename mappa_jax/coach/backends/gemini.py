@@ -57,6 +57,9 @@ class GeminiBackend:
           + " (config key coach.gemini.api_key_env picks another), or use Vertex AI "
           "(coach.gemini.vertexai=True with coach.gemini.project).")
 
+  def prepare(self) -> None:
+    self._genai_client()  # importing google-genai and building the client takes ~0.5 s
+
   def _genai_client(self):
     if self._client is None:
       from google import genai  # pylint: disable=import-outside-toplevel

@@ -34,6 +34,9 @@ class LocalJudgeBackend:
   def check_credentials(self) -> None:
     """Our own weights: nothing to check."""
 
+  def prepare(self) -> None:
+    pass
+
   async def score(self, prompt: Prompt, schema: dict[str, Any]) -> RawResult:
     del schema  # a local sampler has no constrained decoding; the prompt asks for PROCESS_SCORE
     by_messages = getattr(self.generator, "generate_messages", None)

@@ -1,6 +1,7 @@
 """OpenAI-compatible chat completions (vLLM, Ollama, OpenAI, ...) over one shared httpx.AsyncClient."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -32,6 +33,7 @@ class OpenAICompatBackend:
     self._max_connections = max_connections
     self._clients: list[httpx.AsyncClient] = []
     self._in_flight: list[int] = []
+    self._clients_loop = None
 
   def _api_key(self) -> str | None:
     if not self.api_key_env:
@@ -47,10 +49,17 @@ class OpenAICompatBackend:
           f"{self.api_key_env!r} (config key coach.openai.api_key_env); it is not set. Set it, or set "
           f"api_key_env='' for a server without authentication.")
 
+  def prepare(self) -> None:
+    self._pools()
+
   def _pools(self) -> list[httpx.AsyncClient]:
     # Several small pools instead of one big one: httpcore re-scans every (request, connection)
     # pair on each state change, which costs ~15 % of the wall time at 64 connections.
+    loop = asyncio.get_running_loop()
+    if self._clients and self._clients_loop is not loop:
+      self._clients = []  # pools of a finished event loop cannot be reused (or closed) here
     if not self._clients:
+      self._clients_loop = loop
       headers = {"content-type": "application/json"}
       key = self._api_key()
       if key:

@@ -11,7 +11,8 @@ exact match after normalization: spaces, $, \\left/\\right, \\text{}, \\!, trail
   code_executor   wrote a fenced code block (2); the tool output shows no error (3);
                   answer equals ground truth (5, needs ground truth; the answer is its last boxed
                   value, else the last non-empty line of the tool output)
-  verifier        exactly one boxed answer (2); answer equals ground truth (8, needs ground truth)
+  verifier        exactly one boxed answer (2); answer equals ground truth (8, needs ground truth;
+                  several different boxed answers are a hedge and count as wrong)
 Data science (files match by stem, any extension; "errors" are Traceback/Error/Exception lines):
   data_engineer   code ran without error (3); X_train, y_train, X_test present (7, by fraction)
   modeler         code ran without error (3); if X_train and y_train are present: a model file was
@@ -123,6 +124,8 @@ def _checks(request: CoachRequest) -> tuple[list[tuple[str, float, float]], bool
       if correct is not None:
         checks.append(("answer_correct", 5, float(correct)))
     elif r.role == "verifier":
+      if len({normalize_answer(b) for b in boxed_answers(r.agent_output)}) > 1 and correct:
+        correct = False
       checks.append(("one_boxed_answer", 2, float(len(boxed_answers(r.agent_output)) == 1)))
       if correct is not None:
         checks.append(("answer_correct", 8, float(correct)))
@@ -188,6 +191,9 @@ class RuleBasedBackend:
 
   def check_credentials(self) -> None:
     """No credentials needed."""
+
+  def prepare(self) -> None:
+    pass
 
   async def score(self, prompt: Prompt, schema: dict[str, Any]) -> RawResult:
     del schema
