@@ -330,13 +330,14 @@ def _count_host_processes():
 
 
 def test_bombs_are_contained_while_other_episodes_carry_on(sandbox, tmp_path):
-    limits = dataclasses.replace(sandbox.config, wall_timeout_s=4, cpu_time_s=2,
-                                 memory_bytes=1 << 30, file_size_bytes=32 << 20,
+    limits = dataclasses.replace(sandbox.config, wall_timeout_s=30, cpu_time_s=1,
+                                 memory_bytes=512 << 20, file_size_bytes=32 << 20,
                                  max_processes=16)
-    strict = _make_sandbox(limits)
-    # The CPU limit gets its own sandbox with a long wall clock, so the loop is stopped by
-    # RLIMIT_CPU however much the fork bomb slows it down on a small machine.
-    cpu_limited = _make_sandbox(dataclasses.replace(limits, wall_timeout_s=30, cpu_time_s=1))
+    # Memory, CPU and file bombs must be stopped by their rlimits, not the wall clock, however
+    # much the fork bomb slows them down on a small machine; only the fork bomb needs the clock.
+    limited = _make_sandbox(limits)
+    fork_limits = dataclasses.replace(limits, wall_timeout_s=4)
+    fork_limited = _make_sandbox(fork_limits)
     baseline_processes = _count_host_processes()
 
     async def scenario():
@@ -351,8 +352,8 @@ def test_bombs_are_contained_while_other_episodes_carry_on(sandbox, tmp_path):
                 await asyncio.sleep(0.05)
 
         watcher = asyncio.ensure_future(watch_processes())
-        programs = {"fork": (strict, _FORK_BOMB), "memory": (strict, _MEMORY_BOMB),
-                    "loop": (cpu_limited, _INFINITE_LOOP), "file": (strict, _GIANT_FILE)}
+        programs = {"fork": (fork_limited, _FORK_BOMB), "memory": (limited, _MEMORY_BOMB),
+                    "loop": (limited, _INFINITE_LOOP), "file": (limited, _GIANT_FILE)}
         workspaces = {name: Workspace.create(tmp_path, name) for name in [*programs, "good"]}
         runs = [runner.run_cells([code], workspaces[name])
                 for name, (runner, code) in programs.items()]
@@ -366,27 +367,27 @@ def test_bombs_are_contained_while_other_episodes_carry_on(sandbox, tmp_path):
     try:
         results, worst_gap, peak, workspaces = asyncio.run(scenario())
     finally:
-        strict.close()
-        cpu_limited.close()
+        limited.close()
+        fork_limited.close()
 
     good = results["good"]
     assert good.exit_code == 0, good.stderr
     assert good.stdout.startswith("accuracy 0.9") and good.files_created == ("submission.csv",)
 
     fork = results["fork"]
-    assert fork.timed_out and fork.wall_s < limits.wall_timeout_s + 2
+    assert fork.timed_out and fork.wall_s < fork_limits.wall_timeout_s + 2
     # The bomb holds at most max_processes; the other four sandboxes and the wrappers add a few.
     # Without the limit this count grows without bound until the wall-clock kill.
     assert peak - baseline_processes <= limits.max_processes + 20, (peak, baseline_processes)
 
     memory = results["memory"]
-    assert memory.exit_code == 1 and "MemoryError" in memory.stderr, memory.stderr
+    assert memory.exit_code == 1 and "MemoryError" in memory.stderr, memory
 
     loop = results["loop"]
     assert loop.killed_reason == "cpu_time" and not loop.timed_out, loop
 
     giant = results["file"]
-    assert giant.exit_code == 1 and "File too large" in giant.stderr, giant.stderr
+    assert giant.exit_code == 1 and "File too large" in giant.stderr, giant
     assert (workspaces["file"].path / "huge.bin").stat().st_size <= limits.file_size_bytes
 
     assert worst_gap < 0.5, f"event loop blocked for {worst_gap:.3f} s"

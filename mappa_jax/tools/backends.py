@@ -130,7 +130,9 @@ class Backend:
 
 
 def _shell(lines: list[str]) -> str:
-    return "set -eu\n" + "\n".join(lines) + "\n"
+    # mount, pivot_root and umount live in sbin, which a non-root PATH often lacks.
+    return ("set -eu\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            + "\n".join(lines) + "\n")
 
 
 class BubblewrapBackend(Backend):
@@ -244,7 +246,10 @@ class UnshareBackend(Backend):
         if self.host_is_root:
             drop += [f"--reuid={config.sandbox_uid}", f"--regid={config.sandbox_gid}",
                      "--clear-groups"]
-        drop += ["--nnp", "--inh-caps=-all", "--bounding-set=-all", "--",
+        # No new privileges (setuid/file-capability binaries do nothing). The interpreter runs as
+        # a non-root uid of a fresh user namespace, so exec leaves it with no capabilities. (The
+        # bounding set is not cleared: without it an unprivileged nested uid_map write fails.)
+        drop += ["--nnp", "--inh-caps=-all", "--",
                  self.tools["unshare"], "--user", f"--map-user={config.sandbox_uid}",
                  f"--map-group={config.sandbox_gid}", "--", "/usr/bin/env", "-i"]
         drop += [f"{key}={value}" for key, value in sandbox_environment(config).items()]
