@@ -164,3 +164,29 @@ def test_config_validation_names_bad_keys():
   nested.gemini.apikey = "x"
   with pytest.raises(CoachConfigError, match="coach.gemini.apikey"):
     make_coach(nested)
+
+
+def test_vertex_without_credentials_fails_fast(monkeypatch, tmp_path):
+  monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+  config = coach_config()
+  config.gemini.vertexai = True
+  config.gemini.project = "some-project"
+  from mappa_jax.coach import CoachCredentialsError
+  with pytest.raises(CoachCredentialsError, match="Application Default Credentials"):
+    make_coach(config).check_credentials()
+  config.gemini.project = ""
+  monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+  with pytest.raises(CoachCredentialsError, match="coach.gemini.project"):
+    make_coach(config).check_credentials()
+
+
+def test_benchmark_runs_at_small_scale():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "coach.py"
+  spec = importlib.util.spec_from_file_location("coach_benchmark", path)
+  benchmark = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(benchmark)
+  result = benchmark.throughput(n_requests=64, latency_s=0.05, concurrency=16)
+  assert result["ok"] == 64 and result["server_hits"] == 64
+  assert result["ratio"] < 5  # timing is asserted by the benchmark itself, not on a shared CI box

@@ -232,7 +232,9 @@ class CoachClient:
   def _fallback(self, reason: str, error: BaseException, start: float, tokens_in: int,
                 tokens_out: int) -> Verdict:
     self._count_fallback(reason)
-    return Verdict(score=None, reward=None, reasoning=redact(f"{type(error).__name__}: {error}"),
+    detail = redact(f"{type(error).__name__}: {error}")
+    log.info("coach verdict is a fallback (%s): %s", reason, detail[:300])
+    return Verdict(score=None, reward=None, reasoning=detail,
                    correct=None, status="fallback", fallback_reason=reason,
                    latency_s=time.monotonic() - start, tokens_in=tokens_in, tokens_out=tokens_out,
                    cost_usd=self._cost(tokens_in, tokens_out))

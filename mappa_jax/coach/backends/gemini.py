@@ -6,7 +6,7 @@ from typing import Any
 
 from mappa_jax.coach.backends.base import error_from_status, error_from_transport
 from mappa_jax.coach.prompts import Prompt
-from mappa_jax.coach.redaction import register_secret
+from mappa_jax.coach.redaction import redact, register_secret
 from mappa_jax.coach.types import BackendError, CoachCredentialsError, RawResult
 
 _DEFAULT_KEY_ENVS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
@@ -49,7 +49,16 @@ class GeminiBackend:
         raise CoachCredentialsError(
             "coach backend 'gemini' with vertexai=True needs a project: set config key "
             "coach.gemini.project or the environment variable GOOGLE_CLOUD_PROJECT.")
-      return  # Vertex uses Application Default Credentials, resolved by google-auth on first call
+      import google.auth  # pylint: disable=import-outside-toplevel
+      from google.auth import exceptions  # pylint: disable=import-outside-toplevel
+      try:
+        google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+      except exceptions.DefaultCredentialsError as e:
+        raise CoachCredentialsError(
+            "coach backend 'gemini' with vertexai=True needs Application Default Credentials "
+            "(gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS naming a "
+            f"service-account file): {redact(e)}") from None
+      return
     if self._api_key() is None:
       raise CoachCredentialsError(
           "coach backend 'gemini' needs an API key: set the environment variable "

@@ -64,10 +64,12 @@ class OpenAICompatBackend:
       key = self._api_key()
       if key:
         headers["authorization"] = f"Bearer {key}"
+      ssl_context = httpx.create_ssl_context()  # loading the CA bundle costs ~70 ms: once only
       n_pools = max(1, -(-self._max_connections // _CONNECTIONS_PER_POOL))
       per_pool = -(-self._max_connections // n_pools)
       self._clients = [httpx.AsyncClient(
           base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self._timeout_s),
+          verify=ssl_context,
           limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool))
                        for _ in range(n_pools)]
       self._in_flight = [0] * n_pools
