@@ -32,7 +32,7 @@ SANDBOX_WORKSPACE = "/workspace"
 # Directories that are symlinks into /usr on merged-/usr systems and real dirs elsewhere.
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
-              "/etc/alternatives", "/etc/mime.types")
+              "/etc/alternatives", "/etc/mime.types", "/etc/fonts")
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 
 
@@ -45,7 +45,11 @@ def sandbox_environment(config: SandboxConfig) -> dict[str, str]:
     python_bin = str(Path(os.path.realpath(sys.executable)).parent)
     return {
         "PATH": f"{python_bin}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": SANDBOX_WORKSPACE,
+        # Caches and dotfiles go to the private /tmp, so the workspace holds only what the agents
+        # wrote on purpose (its file list is shown to the next agent and to the coach).
+        "HOME": "/tmp",
+        "XDG_CACHE_HOME": "/tmp/.cache",
+        "XDG_CONFIG_HOME": "/tmp/.config",
         "TMPDIR": "/tmp",
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
@@ -280,8 +284,7 @@ class UnsandboxedBackend(Backend):
                 "and use the network")
 
     def command(self, inner: list[str], workspace: Path) -> list[str]:
-        env = [f"{key}={value}" for key, value in sandbox_environment(self.config).items()
-               if key != "HOME"] + [f"HOME={workspace}"]
+        env = [f"{key}={value}" for key, value in sandbox_environment(self.config).items()]
         return ["/usr/bin/env", "-i", *env, *inner]
 
 
