@@ -5,6 +5,7 @@ generated tokens of valid samples. Everything is a pure jnp function with masks,
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -20,6 +21,7 @@ def last_token_index(mask: jax.Array) -> jax.Array:
     return (t - 1 - jnp.argmax(jnp.flip(mask, axis=-1), axis=-1)).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("kl_coef", "reward_clip"))
 def token_rewards(rewards: jax.Array, kl: jax.Array, mask: jax.Array, kl_coef: float,
                   reward_clip: tuple[float, float] | None = (-10.0, 10.0)) -> jax.Array:
     """r_t = -kl_coef * kl_t on every token, plus the (clipped) action reward on its last masked token."""
@@ -31,6 +33,7 @@ def token_rewards(rewards: jax.Array, kl: jax.Array, mask: jax.Array, kl_coef: f
     return jnp.where(at_last, rewards[:, None].astype(kl.dtype), 0.0) - kl_coef * kl
 
 
+@functools.partial(jax.jit, static_argnames=("gamma",))
 def discounted_returns(rewards: jax.Array, mask: jax.Array, gamma: float = 1.0) -> jax.Array:
     """G_t = sum_{i >= t} gamma^(i-t) * r_i * mask_i (a masked reverse cumulative sum)."""
     rewards = jnp.where(mask, rewards, 0.0)
@@ -44,10 +47,11 @@ def discounted_returns(rewards: jax.Array, mask: jax.Array, gamma: float = 1.0) 
         d_earlier, r_earlier = earlier
         return d_earlier * d_later, r_earlier + d_earlier * g_later
 
-    _, returns = jax.lax.associative_scan(compose, (decay, rewards), reverse=True, axis=-1)
+    _, returns = jax.lax.associative_scan(compose, (decay, rewards), reverse=True, axis=rewards.ndim - 1)
     return returns
 
 
+@functools.partial(jax.jit, static_argnames=("num_segments", "divide_by_std", "eps"))
 def segment_normalize(values: jax.Array, mask: jax.Array, segment_ids: jax.Array, num_segments: int,
                       divide_by_std: bool = True, eps: float = 1e-8) -> jax.Array:
     """(x - mean) / std over the masked entries of each segment (population variance, std floored
@@ -65,14 +69,28 @@ def segment_normalize(values: jax.Array, mask: jax.Array, segment_ids: jax.Array
     return jnp.where(mask, centered, 0.0)
 
 
+@functools.partial(jax.jit, static_argnames=("num_segments", "divide_by_std"))
+def _pooled_normalize(values, masks, row_segments, num_segments, divide_by_std):
+    """Normalize several [B_i, T_i] arrays together; row_segments[i]: [B_i] segment id per row."""
+    flat = jnp.concatenate([v.reshape(-1) for v in values])
+    flat_mask = jnp.concatenate([m.reshape(-1) for m in masks])
+    flat_ids = jnp.concatenate([jnp.broadcast_to(g[:, None], v.shape).reshape(-1)
+                                for g, v in zip(row_segments, values)])
+    normed = segment_normalize(flat, flat_mask, flat_ids, num_segments, divide_by_std)
+    out, offset = [], 0
+    for v in values:
+        out.append(normed[offset:offset + v.size].reshape(v.shape))
+        offset += v.size
+    return out
+
+
 def normalize_advantages(returns: Sequence[jax.Array], masks: Sequence[jax.Array], scope: str = "agent",
-                         divide_by_std: bool = True, group_ids: Sequence[jax.Array] | None = None,
-                         num_groups: int | None = None) -> list[jax.Array]:
+                         divide_by_std: bool = True, group_ids: Sequence[jax.Array] | None = None) -> list[jax.Array]:
     """Normalize the returns of several agents' batches ([B_a, T_a] each) into advantages.
 
     scope: "global" pools every agent's valid tokens; "agent" (MAPPA's default) normalizes each
     agent over its whole batch; "group" normalizes each prompt group (group_ids [B_a]) of each agent
-    separately, GRPO-style; "none" keeps the returns (masked).
+    separately, GRPO-style, over the group's tokens; "none" keeps the returns (masked).
     """
     if scope not in ADVANTAGE_SCOPES:
         raise ValueError(f"rl.advantage_scope={scope!r} is not one of {ADVANTAGE_SCOPES}")
@@ -81,20 +99,16 @@ def normalize_advantages(returns: Sequence[jax.Array], masks: Sequence[jax.Array
     if scope == "none":
         return [jnp.where(m, r, 0.0) for r, m in zip(returns, masks)]
     if scope == "global":
-        flat = jnp.concatenate([r.reshape(-1) for r in returns])
-        flat_mask = jnp.concatenate([m.reshape(-1) for m in masks])
-        normed = segment_normalize(flat, flat_mask, jnp.zeros(flat.shape, jnp.int32), 1, divide_by_std)
-        sizes = [r.size for r in returns]
-        splits = jnp.split(normed, list(jnp.cumsum(jnp.array(sizes))[:-1]))
-        return [s.reshape(r.shape) for s, r in zip(splits, returns)]
-    if scope == "agent":
-        return [segment_normalize(r, m, jnp.zeros(r.shape, jnp.int32), 1, divide_by_std)
-                for r, m in zip(returns, masks)]
-    if group_ids is None:
-        raise ValueError("rl.advantage_scope='group' needs group ids (Experience.group_ids)")
-    out = []
-    for r, m, g in zip(returns, masks, group_ids):
-        n = int(num_groups) if num_groups is not None else int(jnp.max(g)) + 1
-        ids = jnp.broadcast_to(g[:, None], r.shape).astype(jnp.int32)
-        out.append(segment_normalize(r, m, ids, n, divide_by_std))
-    return out
+        segments = [jnp.zeros(r.shape[0], jnp.int32) for r in returns]
+    elif scope == "agent":
+        segments = [jnp.full(r.shape[0], i, jnp.int32) for i, r in enumerate(returns)]
+    else:
+        if group_ids is None:
+            raise ValueError("rl.advantage_scope='group' needs group ids (Experience.group_ids)")
+        segments, offset = [], 0
+        for g in group_ids:
+            g = jnp.asarray(g, jnp.int32)
+            segments.append(g + offset)
+            offset += int(jax.device_get(jnp.max(g))) + 1
+    num_segments = 1 + int(jax.device_get(max(jnp.max(s) for s in segments)))
+    return _pooled_normalize(tuple(returns), tuple(masks), tuple(segments), num_segments, divide_by_std)

@@ -5,6 +5,8 @@ k1 = log_ratio, k2 = log_ratio^2 / 2, k3 = exp(-log_ratio) - 1 + log_ratio.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +31,7 @@ def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     return jnp.exp(neg_log_ratio) - 1.0 - neg_log_ratio
 
 
+@functools.partial(jax.jit, static_argnames=("estimator",))
 def token_kl(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, estimator: str = "k1") -> jax.Array:
     """KL estimate per token, zero outside `mask`."""
     kl = KL_ESTIMATORS.get(estimator)(logp, ref_logp)

@@ -7,6 +7,8 @@ summing their losses gives exactly the full-batch loss.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -59,6 +61,7 @@ def seq_mean_token_mean(values, mask, counts):
     return jnp.sum(per_seq) / jnp.maximum(counts["sequences"], 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=("name",))
 def aggregate(name: str, values, mask, counts=None):
     return LOSS_AGGREGATIONS.get(name)(values, mask, step_counts(mask) if counts is None else counts)
 

@@ -218,7 +218,7 @@ class PolicyUpdater:
             new_state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state),
                                    state.step + has_tokens.astype(jnp.int32))
             step_metrics = {"policy_loss": policy_loss, "kl_loss": kl_loss,
-                            "grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(state.step),
+                            "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step),
                             "tokens": counts["tokens"], "has_tokens": has_tokens.astype(jnp.float32), **sums}
             return new_state, step_metrics
 
