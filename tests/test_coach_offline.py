@@ -125,7 +125,7 @@ def test_token_bucket_limits_rate():
     await asyncio.gather(*(bucket.acquire(1) for _ in range(30)))
     return time.monotonic() - start
   elapsed = asyncio.run(go())
-  assert 0.9 <= elapsed <= 1.6  # (30 - 10) / 20 per second = 1.0 s
+  assert 0.9 <= elapsed <= 2.5  # (30 - 10) / 20 per second = 1.0 s; the upper bound allows a busy box
   assert asyncio.run(_unlimited()) < 0.1
 
 
