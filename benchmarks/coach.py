@@ -5,7 +5,9 @@ we report measured / ideal (target <= 1.25).
 Part 2 (`rollout_overlap`, to be filled in by the workflows owner): time a MathChat rollout with the
 coach scoring actions as they finish, against the rollout alone.
 
-  python benchmarks/coach.py [--requests 1000] [--latency 0.2] [--concurrency 64] [--backend openai]
+  python benchmarks/coach.py [--requests 1000] [--latency 0.2] [--concurrency 64] [--backend openai] [--check]
+Client CPU is ~1 ms per request (mostly httpx; google-genai adds ~1.5 ms), so the ratio depends on
+how busy the machine's cores are: measure on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import time
 from mappa_jax.coach import CoachRequest, coach_config, make_coach
 from mappa_jax.coach.testing import FakeCoachServerProcess
 
+TARGET_RATIO = 1.25
+
 
 def _requests(n: int) -> list[CoachRequest]:
   # Distinct tasks: every request is a cache miss and a real server round trip.
@@ -27,6 +31,7 @@ def _requests(n: int) -> list[CoachRequest]:
 
 
 async def _run(client, requests):
+  client.backend.prepare()  # SDK import / connection-pool setup is start-up cost, not throughput
   start = time.perf_counter()
   verdicts = await client.score_all(requests)
   elapsed = time.perf_counter() - start
@@ -73,15 +78,19 @@ def main():
   parser.add_argument("--latency", type=float, default=0.2)
   parser.add_argument("--concurrency", type=int, default=64)
   parser.add_argument("--backend", choices=("openai", "gemini"), default="openai")
+  parser.add_argument("--check", action="store_true", help="exit 1 if the ratio exceeds 1.25")
   args = parser.parse_args()
   result = throughput(args.requests, args.latency, args.concurrency, args.backend)
   m = result["metrics"]
   print(f"backend={result['backend']} requests={result['requests']} concurrency={result['concurrency']} "
         f"latency={result['latency_s']}s server_hits={result['server_hits']} ok={result['ok']}")
   print(f"elapsed={result['elapsed_s']:.3f}s ideal={result['ideal_s']:.3f}s "
-        f"ratio={result['ratio']:.3f} (target <= 1.25)")
+        f"ratio={result['ratio']:.3f} (target <= {TARGET_RATIO}: "
+        f"{'PASS' if result['ratio'] <= TARGET_RATIO else 'FAIL'})")
   print(f"latency p50={m['latency_p50_s']:.3f}s p90={m['latency_p90_s']:.3f}s p99={m['latency_p99_s']:.3f}s "
         f"calls={m['calls']} retries={m['retries']} fallbacks={m['fallbacks']}")
+  if args.check and result["ratio"] > TARGET_RATIO:
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":
