@@ -135,7 +135,10 @@ class CoachClient:
     try:
       verdict = await self._judge(prompt, start)
       if verdict.ok:
-        self.cache.put(key, verdict)
+        try:
+          self.cache.put(key, verdict)
+        except Exception as e:  # pylint: disable=broad-except
+          log.warning("coach cache write failed (verdict kept, not cached): %s", redact(e))
       future.set_result(verdict)
       return verdict
     except BaseException:  # cancelled (the judge catches every Exception): waiters stop too
