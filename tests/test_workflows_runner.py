@@ -293,3 +293,25 @@ def test_data_science_pipeline_end_to_end(tokenizer, sandbox, tmp_path):
     assert len(verdicts) == sum(len(e.actions) for e in result.episodes)
     assert result.timings.tool_runs == 2 * 4 and result.timings.policy_calls == 7
     print(result.timings.summary())
+
+
+def test_prompt_over_limit_fails_only_its_episode(tokenizer, sandbox, tmp_path):
+    short, = arithmetic_tasks(1, seed=1)
+    long = dataclasses.replace(short, task_id="long", prompt=short.prompt + " Also," * 400)
+    cfg = mathchat_config()
+    cfg.max_prompt_tokens = 600
+    topo = topology_from_config(cfg)
+    policy = ScriptedPolicy(tokenizer, {"problem_solver": ["\\boxed{1}"],
+                                        "code_executor": ["No code needed: \\boxed{1}"],
+                                        "verifier": ["\\boxed{1}"]})
+    runner = EpisodeRunner(topo, policy, ChatFormat(tokenizer), sandbox=sandbox,
+                           workspace_root=tmp_path)
+    result = asyncio.run(runner.run([long, short]))
+    failed, ok = result.episodes
+    assert failed.failed and "problem_solver turn 0: prompt of" in failed.failure_reason
+    assert "exceeds the limit of 600" in failed.failure_reason and failed.actions == []
+    assert not ok.failed and ok.boxed_answer == "1"
+    assert [len(c.prompts) for c in policy.calls] == [1, 1, 1]
+    assert ok.actions[1].last_turn and ok.actions[1].tool is None  # no code: one turn only
+    result.remove_workspaces()
+    assert not os.path.exists(ok.workspace_dir)

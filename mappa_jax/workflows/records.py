@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from typing import Any, Sequence
 
 
@@ -123,6 +125,12 @@ class RunResult:
     @property
     def actions(self) -> list[Action]:
         return [a for e in self.episodes for a in e.actions]
+
+    def remove_workspaces(self) -> None:
+        """Deletes every episode's workspace (once submissions are scored)."""
+        for episode in self.episodes:
+            if episode.workspace_dir and os.path.isdir(episode.workspace_dir):
+                shutil.rmtree(episode.workspace_dir)
 
 
 def interval_union(intervals: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

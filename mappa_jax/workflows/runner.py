@@ -133,6 +133,10 @@ class EpisodeRunner:
         self.on_action = on_action
         self.episode_timeout_s = episode_timeout_s
         self.tool_timeout_s = tool_timeout_s
+        # A prompt the sampler cannot take would fail the whole batched call: fail its episode first.
+        limits = [n for n in (topology.max_prompt_tokens, getattr(policy, "max_prompt_tokens", None))
+                  if n]
+        self.max_prompt_tokens = min(limits) if limits else 0
 
     async def run(self, tasks: Sequence[Any], samples_per_task: int = 1, seed: int = 0,
                   episode_prefix: str = "") -> RunResult:
@@ -207,10 +211,12 @@ class EpisodeRunner:
         if self.episode_timeout_s is not None and elapsed > self.episode_timeout_s:
             raise EpisodeFailure(f"episode timed out after {elapsed:.1f}s (episode_timeout_s="
                                  f"{self.episode_timeout_s}) before {spec.name} turn {turn}")
-        limit = self.topology.max_prompt_tokens
+        limit = self.max_prompt_tokens
         if limit and len(episode.prompt_ids) > limit:
             raise EpisodeFailure(f"{spec.name} turn {turn}: prompt of {len(episode.prompt_ids)} "
-                                 f"tokens exceeds max_prompt_tokens={limit}")
+                                 f"tokens exceeds the limit of {limit} (topology.max_prompt_tokens="
+                                 f"{self.topology.max_prompt_tokens}, policy's largest prompt: "
+                                 f"{getattr(self.policy, 'max_prompt_tokens', None)})")
 
     def _context(self, episode: _Episode, spec: AgentSpec) -> str:
         """The user message of an agent's first turn: the task, upstream work, workspace files."""

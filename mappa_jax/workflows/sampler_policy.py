@@ -57,6 +57,11 @@ class SamplerPolicy:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler")
         self.last_call_rows = 0  # rows the last call sampled (after merging duplicate prompts)
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt the sampler takes (its largest prompt bucket)."""
+        return int(self.sampler.config.prompt_buckets[-1])
+
     def set_weights(self, policy_name: str, params: Any, lora: Any = None) -> None:
         """New weights for a policy (after an update step)."""
         self.weights[policy_name] = PolicyWeights(params, lora)
@@ -97,6 +102,12 @@ class PolicyRouter:
 
     def __init__(self, routes: Mapping[str, Policy]):
         self.routes = dict(routes)
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        limits = [getattr(p, "max_prompt_tokens", None) for p in self.routes.values()]
+        limits = [n for n in limits if n]
+        return min(limits) if limits else None
 
     async def generate(self, policy_name: str, prompts: list[list[int]], max_new_tokens: int,
                        stop_strings: Sequence[StopPattern], temperature: float,
