@@ -280,7 +280,8 @@ def test_event_loop_stays_responsive_during_a_long_run(sandbox, workspace):
 
     result, worst_gap = asyncio.run(scenario())
     assert result.stdout == "done\n" and result.wall_s >= 1.5
-    assert worst_gap < 0.25, f"event loop blocked for {worst_gap:.3f} s"
+    # A blocking call would stall the loop for the whole 1.5 s run; the margin absorbs a loaded host.
+    assert worst_gap < 0.75, f"event loop blocked for {worst_gap:.3f} s"
 
 
 def test_wall_timeout_kills_everything_the_run_started(sandbox, workspace):
@@ -390,7 +391,7 @@ def test_bombs_are_contained_while_other_episodes_carry_on(sandbox, tmp_path):
     assert giant.exit_code == 1 and "File too large" in giant.stderr, giant
     assert (workspaces["file"].path / "huge.bin").stat().st_size <= limits.file_size_bytes
 
-    assert worst_gap < 0.5, f"event loop blocked for {worst_gap:.3f} s"
+    assert worst_gap < 1.0, f"event loop blocked for {worst_gap:.3f} s"
     assert _count_host_processes() <= baseline_processes + 2  # nothing left behind
 
 

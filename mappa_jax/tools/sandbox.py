@@ -154,16 +154,20 @@ class Sandbox:
                           _BoundedOutput(config.max_output_bytes))
         readers = [asyncio.ensure_future(_drain(process.stdout, stdout)),
                    asyncio.ensure_future(_drain(process.stderr, stderr))]
-        timed_out = False
-        try:
+
+        async def feed_and_wait():
             try:
                 process.stdin.write(request)
                 await process.stdin.drain()
                 process.stdin.close()
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the sandbox died before reading; its exit status says why
+            await process.wait()
+
+        timed_out = False
+        try:
             try:
-                await asyncio.wait_for(process.wait(), timeout=config.wall_timeout_s)
+                await asyncio.wait_for(feed_and_wait(), timeout=config.wall_timeout_s)
             except asyncio.TimeoutError:
                 timed_out = True
         finally:
