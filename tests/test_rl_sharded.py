@@ -1,0 +1,77 @@
+"""The update sharded over 8 forced CPU devices (data x fsdp x tensor = 2 x 2 x 2) equals the
+unsharded one. Runs in a subprocess: the device count must be set before JAX starts."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent('''
+    import json
+    import numpy as np
+    import jax, jax.numpy as jnp
+    from flax import nnx
+    from mappa_jax.models.config import ModelConfig
+    from mappa_jax.models.decoder import Decoder
+    from mappa_jax.models.lora import LoraAdapters
+    from mappa_jax.parallel import make_mesh
+    from mappa_jax.rl.config import RLConfig
+    from mappa_jax.rl.experience import Sample, build_experience
+    from mappa_jax.rl.pipeline import train_step
+    from mappa_jax.rl.update import PolicyUpdater
+
+    assert len(jax.devices()) == 8, jax.devices()
+    cfg = ModelConfig.tiny(vocab_size=32, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=2)
+    rl = RLConfig(train_batch_size=8, micro_batch_size=4, learning_rate=1e-3, warmup_ratio=0.0,
+                  total_optimizer_steps=10)
+    graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+    lora_graphdef, adapters = nnx.split(LoraAdapters(cfg, 4, 8.0, rngs=nnx.Rngs(1)))
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(14):
+        p, g = int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        samples.append(Sample(rng.integers(3, 32, p).tolist(), rng.integers(3, 32, g).tolist(),
+                              (-rng.exponential(2.0, g)).tolist(), float(rng.uniform()), i == 5, i % 2))
+    exp = build_experience(samples, length_buckets=[10], batch_buckets=[16])
+
+    def run(mesh, lora):
+        up = PolicyUpdater(graphdef, rl, mesh, lora_graphdef=lora_graphdef if lora else None)
+        if lora:
+            base = up.place_params(state)
+            policy = up.new_lora_agent(base, adapters)
+        else:
+            policy = up.new_full_agent(state)
+        old_leaf = jax.tree.leaves(policy.state.params)[0]
+        new, metrics = train_step(up, {"a": policy}, {"a": exp})
+        new = new["a"]
+        specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(new.state.params)})
+        return (jax.device_get(new.state.params), {k: float(v) for k, v in metrics.items()},
+                specs, old_leaf.is_deleted())
+
+    out = {}
+    for lora in (False, True):
+        p1, m1, _, _ = run(make_mesh(devices=jax.devices()[:1]), lora)
+        p8, m8, specs, donated = run(make_mesh(data=2, fsdp=2, tensor=2), lora)
+        moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1),
+                    jax.tree.leaves(jax.device_get(adapters if lora else state))))
+        out["lora" if lora else "full"] = {
+            "param_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8))),
+            "metric_diff": max(abs(m1[k] - m8[k]) / max(1.0, abs(m1[k])) for k in m1),
+            "moved": moved, "specs": specs, "donated": donated}
+    print("RESULT", json.dumps(out))
+''')
+
+
+def test_sharded_update_equals_unsharded():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for mode in ("full", "lora"):
+        r = result[mode]
+        assert r["moved"] > 1e-4, (mode, r)
+        assert r["param_diff"] <= 1e-5, (mode, r)
+        assert r["metric_diff"] <= 1e-5, (mode, r)
+        assert r["donated"], f"{mode}: the train state was not donated"
+        assert any("fsdp" in s for s in r["specs"]) and any("tensor" in s for s in r["specs"]), (mode, r)
