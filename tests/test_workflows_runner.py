@@ -306,12 +306,15 @@ def test_prompt_over_limit_fails_only_its_episode(tokenizer, sandbox, tmp_path):
                                         "verifier": ["\\boxed{1}"]})
     runner = EpisodeRunner(topo, policy, ChatFormat(tokenizer), sandbox=sandbox,
                            workspace_root=tmp_path)
-    result = asyncio.run(runner.run([long, short]))
-    failed, ok = result.episodes
+    result = asyncio.run(runner.run([long, short, short]))
+    failed, ok, again = result.episodes
+    assert [e.episode_id for e in result.episodes] == ["long#0", f"{short.task_id}#0",
+                                                       f"{short.task_id}#1"]
+    assert again.sample_index == 1 and ok.workspace_dir != again.workspace_dir
     assert failed.failed and "problem_solver turn 0: prompt of" in failed.failure_reason
     assert "exceeds the limit of 600" in failed.failure_reason and failed.actions == []
     assert not ok.failed and ok.boxed_answer == "1"
-    assert [len(c.prompts) for c in policy.calls] == [1, 1, 1]
+    assert [len(c.prompts) for c in policy.calls] == [2, 2, 2]
     assert ok.actions[1].last_turn and ok.actions[1].tool is None  # no code: one turn only
     result.remove_workspaces()
     assert not os.path.exists(ok.workspace_dir)

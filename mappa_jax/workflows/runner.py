@@ -147,8 +147,15 @@ class EpisodeRunner:
         self._sampling_intervals: list[tuple[float, float]] = []
         self._tool_intervals: list[tuple[float, float]] = []
         self._generated_tokens = 0
-        episodes = [self._new_episode(task, k, episode_prefix)
-                    for task in tasks for k in range(samples_per_task)]
+        # A task listed twice (sampling with replacement) continues its sample numbering, so
+        # episode ids stay unique within the batch.
+        seen: dict[str, int] = {}
+        episodes = []
+        for task in tasks:
+            first = seen.get(task.task_id, 0)
+            seen[task.task_id] = first + samples_per_task
+            episodes += [self._new_episode(task, k, episode_prefix)
+                         for k in range(first, first + samples_per_task)]
         for agent_index, spec in enumerate(self.topology.agents):
             for episode in episodes:
                 if episode.live:

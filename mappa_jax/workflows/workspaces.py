@@ -1,20 +1,20 @@
 """One workspace per episode, holding a copy of the task's visible files (never its answers)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 import re
+import uuid
 from typing import Any, Callable
 
 from mappa_jax.tools.workspace import Workspace
 
 
 def workspace_name(episode_id: str) -> str:
-    """A directory name the tools accept, unique per episode id (ids hold '/' and '#')."""
+    """A fresh directory name the tools accept (ids hold '/' and '#'): readable, and unique even
+    when a later batch reuses the root with the same episode ids."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", episode_id).lstrip("._-") or "episode"
-    digest = hashlib.sha1(episode_id.encode("utf-8")).hexdigest()[:10]
-    return f"{safe[:100]}-{digest}"
+    return f"{safe[:100]}-{uuid.uuid4().hex[:12]}"
 
 
 def task_input_files(task: Any) -> dict[str, pathlib.Path]:
