@@ -1,0 +1,280 @@
+"""Will the run fit? A per-device memory estimate checked before anything is allocated.
+
+The estimate follows what the code keeps on each device:
+- resident for the whole run: every agent's weights (LoRA: one shared frozen base), the frozen
+  reference (full finetuning: one copy per agent; LoRA: the base itself, free), LoRA adapters, and
+  AdamW's two moments per trained parameter (optax keeps them in the parameter dtype);
+- while one agent updates: the gradient accumulator, one micro-batch's gradients and the optimizer's
+  updates (3 x the trained parameters), plus the activations the layer scan saves for the backward
+  pass (attention scores are materialized: they grow with the sequence length squared) and the
+  float32 logits;
+- while one agent samples: its KV cache (batch split over data x fsdp, not over tensor) and the
+  prefill's prompt logits and attention scores.
+Peak = resident + max(update, rollout). Parameter bytes are exact (the real sharding rules applied to
+shape-only parameters); activations are an estimate (XLA fuses some buffers and keeps others).
+
+`check_memory` raises InsufficientMemoryError naming the largest terms and the mesh / LoRA settings
+that would fit on the same devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+
+from mappa_jax.models.config import ModelConfig
+from mappa_jax.models.decoder import PROJECTIONS
+
+GiB = 1024 ** 3
+AXES = ("data", "fsdp", "tensor")
+# The run-config keys that the suggestions name (the lead's configs/base.py layout).
+MESH_KEYS = {"data": "mesh.data", "fsdp": "mesh.fsdp", "tensor": "mesh.tensor"}
+LORA_RANK_KEY = "lora.rank"
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Known per-chip memory when the runtime does not report it (bytes).
+_KNOWN_DEVICE_BYTES = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5e": 16 * GiB, "TPU v5p": 95 * GiB,
+                       "TPU v5": 95 * GiB, "TPU v6 lite": 32 * GiB, "TPU v6e": 32 * GiB}
+
+
+class InsufficientMemoryError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What runs on the mesh. Batch sizes are global (whole mesh); lora_rank 0 = full finetuning."""
+    model: ModelConfig
+    num_agents: int = 1
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = PROJECTIONS
+    train_micro_batch: int = 4      # sequences per micro-batch (rl.micro_batch_size)
+    train_seq_len: int = 1024       # prompt + generated tokens of a training sequence
+    rollout_rows: int = 8           # sequences decoded together (prompts x samples)
+    rollout_prompt_len: int = 512
+    rollout_new_tokens: int = 512
+    cache_dtype: str | None = None  # None: the model's compute dtype
+    # How the decoder trains; the defaults describe models/decoder.py as it is: the layer scan
+    # saves every activation (no rematerialization) and attention materializes [T, T] scores.
+    remat: bool = False             # True: the scan saves only each layer's input, recomputes the rest
+    flash_attention: bool = False   # True: a fused attention kernel, no [T, T] scores in memory
+
+    def __post_init__(self):
+        for key in ("num_agents", "train_micro_batch", "train_seq_len", "rollout_rows",
+                    "rollout_prompt_len", "rollout_new_tokens"):
+            if int(getattr(self, key)) <= 0:
+                raise ValueError(f"memory workload: {key} must be positive, got {getattr(self, key)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"memory workload: lora_rank must be >= 0, got {self.lora_rank}")
+
+    def replace(self, **changes) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    mesh: Mapping[str, int]
+    lora_rank: int
+    terms: Mapping[str, int]  # bytes per device
+
+    RESIDENT = ("weights", "reference", "adapters", "optimizer")
+
+    @property
+    def resident(self) -> int:
+        return sum(self.terms[k] for k in self.RESIDENT)
+
+    @property
+    def update(self) -> int:
+        return self.terms["gradients"] + self.terms["activations"] + self.terms["logits"]
+
+    @property
+    def rollout(self) -> int:
+        return self.terms["kv_cache"] + self.terms["prefill"]
+
+    @property
+    def peak(self) -> int:
+        return self.resident + max(self.update, self.rollout)
+
+    def describe(self) -> str:
+        mesh = " ".join(f"{a}={self.mesh[a]}" for a in AXES)
+        mode = f"LoRA rank {self.lora_rank}" if self.lora_rank else "full finetuning"
+        terms = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(self.terms.items(), key=lambda kv: -kv[1]) if v)
+        return f"mesh {mesh}, {mode}: peak {_gib(self.peak)} per device ({terms})"
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# ---- parameters: exact, from the real sharding rules ---------------------------------------------
+def _sharded_bytes(state, mesh_sizes: Mapping[str, int]) -> int:
+    """Bytes one device holds of `state` (shape-only leaves) under mappa_jax.parallel's rules."""
+    import jax
+    from jax.sharding import AbstractMesh
+    from mappa_jax.parallel.mesh import param_spec
+    mesh = AbstractMesh(tuple(mesh_sizes[a] for a in AXES), AXES)
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        spec = tuple(param_spec(path, leaf.shape, mesh)) + (None,) * leaf.ndim
+        local = 1
+        for dim, axes in zip(leaf.shape, spec):
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            local *= -(-dim // math.prod(mesh_sizes[a] for a in axes))
+        total += local * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _abstract_params(cfg: ModelConfig):
+    from mappa_jax.models.weights import abstract_model
+    return abstract_model(cfg)[1]
+
+
+def _abstract_adapters(cfg: ModelConfig, rank: int, targets):
+    from flax import nnx
+    from mappa_jax.models.lora import LoraAdapters
+    return nnx.split(nnx.eval_shape(lambda: LoraAdapters(cfg, rank, 1.0, targets, rngs=nnx.Rngs(0))))[1]
+
+
+# ---- the estimate --------------------------------------------------------------------------------
+def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
+    """Per-device bytes of `work` on a mesh with these data / fsdp / tensor sizes."""
+    missing = [a for a in AXES if a not in mesh_sizes]
+    if missing or any(int(mesh_sizes[a]) < 1 for a in AXES):
+        raise ValueError(f"memory estimate needs positive mesh sizes for {AXES}, got {dict(mesh_sizes)}")
+    sizes = {a: int(mesh_sizes[a]) for a in AXES}
+    cfg, n_agents = work.model, work.num_agents
+    params = _sharded_bytes(_abstract_params(cfg), sizes)
+    if work.lora_rank:
+        trained = _sharded_bytes(_abstract_adapters(cfg, work.lora_rank, work.lora_targets), sizes)
+        weights, reference, adapters = params, 0, n_agents * trained
+    else:
+        trained = params
+        weights, reference, adapters = n_agents * params, n_agents * params, 0
+    optimizer = 2 * n_agents * trained  # AdamW mu and nu, parameter dtype
+
+    dt = _DTYPE_BYTES[cfg.dtype]
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    t = sizes["tensor"]
+    split = lambda n: t if n % t == 0 else 1  # a dimension the tensor axis does not divide stays whole
+    heads_t, mlp_t, vocab_t = split(cfg.num_kv_heads), split(cfg.intermediate_size), split(cfg.vocab_size)
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+
+    # Training: what the layer scan keeps per layer for the backward pass, for one micro-batch.
+    b, seq = -(-work.train_micro_batch // batch_shards), work.train_seq_len
+    tokens = b * seq
+    per_layer = (4 * h * dt + 2 * h * 4                              # residuals, norm inputs (+ f32)
+                 + (2 * (q_width + 2 * kv_width) + q_width) * dt / heads_t  # q/k/v pre and post RoPE, attn out
+                 + 4 * f * dt / mlp_t) * tokens                       # gate, up, silu(gate), gated
+    scores = b * cfg.num_heads * seq * seq * (4 + dt) / heads_t      # float32 scores + probs
+    per_layer += 0 if work.flash_attention else scores
+    # The backward pass of a layer holds gradients of its saved activations next to them (+2
+    # layers); with remat the scan keeps only layer inputs and rebuilds one layer at a time.
+    saved = cfg.num_layers * tokens * h * dt + 3 * per_layer if work.remat else (cfg.num_layers + 2) * per_layer
+    activations = int(saved + 2 * tokens * h * dt)
+    logits = int(3 * tokens * v * 4 / vocab_t)  # logits, log-softmax, softmax (entropy / gradient)
+    gradients = 3 * trained
+
+    # Rollout: KV cache of prompt + generation slots, rows split over data x fsdp only.
+    cache_dt = _DTYPE_BYTES[work.cache_dtype or cfg.dtype]
+    rows = -(-work.rollout_rows // batch_shards)
+    prompt, slots = work.rollout_prompt_len, work.rollout_prompt_len + work.rollout_new_tokens
+    per_slot = 2 * cfg.num_layers * rows * kv_width * cache_dt
+    kv_cache = per_slot * slots
+    # Prefill: the prompt-length cache (before it grows), all prompt logits, one layer's scores.
+    prefill = int(per_slot * prompt + rows * prompt * v * 4 / vocab_t
+                  + (0 if work.flash_attention else rows * cfg.num_heads * prompt * prompt * (4 + dt) / heads_t))
+
+    terms = {"weights": weights, "reference": reference, "adapters": adapters, "optimizer": optimizer,
+             "gradients": gradients, "activations": activations, "logits": logits,
+             "kv_cache": kv_cache, "prefill": prefill}
+    return MemoryEstimate(sizes, work.lora_rank, terms)
+
+
+# ---- device memory -------------------------------------------------------------------------------
+def device_memory_bytes(device=None) -> int:
+    """Memory of one device: the runtime's limit (GPU/TPU), a known TPU size, or host RAM (CPU)."""
+    import jax
+    device = device or jax.local_devices()[0]
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
+        pass
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    kind = getattr(device, "device_kind", "")
+    for name, size in _KNOWN_DEVICE_BYTES.items():
+        if kind.startswith(name):
+            return size
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    raise ValueError(f"cannot tell the memory of device kind {kind!r}; pass device_bytes explicitly")
+
+
+# ---- the check -----------------------------------------------------------------------------------
+def candidate_meshes(num_devices: int, work: Workload) -> list[dict[str, int]]:
+    """Every data x fsdp x tensor factorization of the devices that the batch sizes allow."""
+    meshes = []
+    for tensor in range(1, num_devices + 1):
+        if num_devices % tensor:
+            continue
+        for fsdp in range(1, num_devices // tensor + 1):
+            if (num_devices // tensor) % fsdp:
+                continue
+            data = num_devices // (tensor * fsdp)
+            shards = data * fsdp
+            if work.train_micro_batch % shards == 0 and work.rollout_rows % shards == 0:
+                meshes.append({"data": data, "fsdp": fsdp, "tensor": tensor})
+    return meshes
+
+
+def suggest(work: Workload, num_devices: int, budget: int, lora_ranks=(16, 64)) -> list[MemoryEstimate]:
+    """Settings that fit in `budget` bytes per device: the same LoRA setting on other meshes first,
+    then LoRA ranks; within each, more data parallelism (less sharding) first."""
+    options = [work.lora_rank] + [r for r in lora_ranks if r != work.lora_rank and work.lora_rank == 0]
+    fits = []
+    for rank in options:
+        for mesh in candidate_meshes(num_devices, work):
+            est = estimate(work.replace(lora_rank=rank), mesh)
+            if est.peak <= budget:
+                fits.append(est)
+    changed = lambda e: e.lora_rank != work.lora_rank
+    return sorted(fits, key=lambda e: (changed(e), e.mesh["tensor"], e.mesh["fsdp"], e.peak))
+
+
+def _overrides(est: MemoryEstimate, work: Workload) -> str:
+    flags = [f"--config.{MESH_KEYS[a]}={est.mesh[a]}" for a in AXES]
+    if est.lora_rank != work.lora_rank:
+        flags.append(f"--config.{LORA_RANK_KEY}={est.lora_rank}")
+    return " ".join(flags) + f"  (peak {_gib(est.peak)})"
+
+
+def check_memory(work: Workload, mesh_sizes: Mapping[str, int], device_bytes: int | None = None, *,
+                 num_devices: int | None = None, headroom: float = 0.9) -> MemoryEstimate:
+    """The estimate for this mesh; InsufficientMemoryError if its peak exceeds `headroom` of the
+    device memory, naming the largest terms and up to three settings that would fit."""
+    est = estimate(work, mesh_sizes)
+    device_bytes = device_memory_bytes() if device_bytes is None else int(device_bytes)
+    budget = int(headroom * device_bytes)
+    if est.peak <= budget:
+        return est
+    num_devices = num_devices or math.prod(est.mesh.values())
+    lines = [f"the run needs about {_gib(est.peak)} per device but {headroom:.0%} of the "
+             f"{_gib(device_bytes)} device memory is {_gib(budget)}.",
+             f"  estimate: {est.describe()}"]
+    fits = suggest(work, num_devices, budget)
+    if fits:
+        lines.append(f"  settings that fit on these {num_devices} devices:")
+        lines += [f"    {_overrides(e, work)}" for e in fits[:3]]
+    else:
+        largest = max(est.terms, key=est.terms.get)
+        hint = ""
+        if largest in ("activations", "prefill") and not (work.remat and work.flash_attention):
+            hint = " (rematerialization and a fused attention kernel would shrink it)"
+        lines.append(f"  no mesh of {num_devices} devices fits, with or without LoRA; the largest term is "
+                     f"{largest} ({_gib(est.terms[largest])}){hint}: lower rl.micro_batch_size, the "
+                     "sequence or generation length, or the rollout rows, use bfloat16, or add devices.")
+    raise InsufficientMemoryError("\n".join(lines))

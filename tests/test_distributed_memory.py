@@ -1,0 +1,189 @@
+"""The pre-run memory check: parameter and optimizer bytes equal the real sharded arrays on an
+8-device mesh, the update estimate tracks XLA's own memory analysis, closed-form terms match hand
+formulas, and an over-budget run gets an error whose suggested settings really fit."""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+import time
+
+import pytest
+
+from mappa_jax.models.config import ModelConfig
+from mappa_jax.models.decoder import PROJECTIONS, projection_shapes
+from mappa_jax.parallel import memory_check as mc
+from mappa_jax.parallel.distributed import run_local_cluster
+
+GiB = mc.GiB
+QWEN3_4B = ModelConfig.from_hf({
+    "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "max_position_embeddings": 40960, "torch_dtype": "bfloat16"}, param_dtype="bfloat16", dtype="bfloat16")
+PROBE_CFG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                 num_kv_heads=2, head_dim=32)
+
+
+def _probe() -> None:
+    """Runs on 8 CPU devices: real sharded train states vs the estimate, and one compiled update."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from mappa_jax.models.decoder import Decoder
+    from mappa_jax.models.lora import LoraAdapters
+    from mappa_jax.parallel import make_mesh, param_shardings, replicated
+    from mappa_jax.rl.config import RLConfig
+    from mappa_jax.rl.experience import Experience
+    from mappa_jax.rl.update import PolicyUpdater
+
+    cfg = ModelConfig.tiny(**PROBE_CFG)
+    batch, seq = 8, 256
+    rl = RLConfig(train_batch_size=batch, micro_batch_size=batch)
+    graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+    lora_graphdef, lora_state = nnx.split(LoraAdapters(cfg, 8, 16.0, rngs=nnx.Rngs(1)))
+    per_device = lambda tree: sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(tree))
+    rows, t0 = [], time.monotonic()
+    for sizes in [(1, 1, 8), (8, 1, 1), (2, 2, 2)]:  # the last one is kept for the update below
+        mesh = make_mesh(*sizes)
+        updater = PolicyUpdater(graphdef, rl, mesh)
+        policy = updater.new_full_agent(state)
+        lora_updater = PolicyUpdater(graphdef, rl, mesh, lora_graphdef=lora_graphdef)
+        lora = lora_updater.new_lora_agent(lora_updater.place_params(state), lora_state)
+        rows.append({"mesh": sizes, "params": per_device(policy.state.params),
+                     "reference": per_device(policy.reference), "opt": per_device(policy.state.opt_state),
+                     "adapters": per_device(lora.state.params), "lora_opt": per_device(lora.state.opt_state)})
+    t1 = time.monotonic()
+    rng = np.random.default_rng(0)
+    floats = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    ones = np.ones((batch, seq), bool)
+    exp = updater.place(Experience(
+        tokens=rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32), attention_mask=ones,
+        action_mask=ones, valid=np.ones(batch, bool), sampler_logprobs=floats(batch, seq),
+        old_logprobs=floats(batch, seq), ref_logprobs=floats(batch, seq), rewards=floats(batch),
+        group_ids=np.zeros(batch, np.int32), advantages=floats(batch, seq)))
+    update = updater._jit("update", updater._update, (policy.state, policy.frozen, exp),
+                          (param_shardings(mesh, policy.state), replicated(mesh)), donate=(0,))
+    analysis = update.lower(policy.state, policy.frozen, exp).compile().memory_analysis()
+    print("RESULT " + json.dumps({"seconds": [t1 - t0, time.monotonic() - t1], "states": rows,
+                                  "update_temp_bytes": analysis.temp_size_in_bytes, "batch": batch,
+                                  "seq": seq}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def probe():
+    result = run_local_cluster([sys.executable, str(pathlib.Path(__file__))], 1, 8, timeout_s=120)[0]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def _mesh(sizes) -> dict[str, int]:
+    return dict(zip(mc.AXES, sizes))
+
+
+def test_parameter_and_optimizer_bytes_equal_the_real_sharded_arrays(probe):
+    cfg = ModelConfig.tiny(**PROBE_CFG)
+    for row in probe["states"]:
+        full = mc.estimate(mc.Workload(cfg), _mesh(row["mesh"]))
+        lora = mc.estimate(mc.Workload(cfg, lora_rank=8), _mesh(row["mesh"]))
+        assert full.terms["weights"] == row["params"] == row["reference"] == full.terms["reference"]
+        assert lora.terms["adapters"] == row["adapters"]
+        # optax also keeps replicated int32 step counters
+        assert 0 < row["opt"] - full.terms["optimizer"] <= 16
+        assert 0 < row["lora_opt"] - lora.terms["optimizer"] <= 16
+    by_mesh = {tuple(r["mesh"]): r["params"] for r in probe["states"]}
+    assert by_mesh[(8, 1, 1)] > 3 * by_mesh[(2, 2, 2)]  # sharding really shrinks the per-device share
+
+
+def test_update_estimate_tracks_xla_memory_analysis(probe):
+    cfg = ModelConfig.tiny(**PROBE_CFG)
+    est = mc.estimate(mc.Workload(cfg, train_micro_batch=probe["batch"], train_seq_len=probe["seq"],
+                                  rollout_rows=8), _mesh((2, 2, 2)))
+    ratio = probe["update_temp_bytes"] / est.update
+    assert 0.6 < ratio < 1.5, (probe["update_temp_bytes"], est.terms)
+
+
+def test_closed_form_terms_match_hand_formulas():
+    cfg = ModelConfig.tiny(**PROBE_CFG)
+    work = mc.Workload(cfg, num_agents=3, rollout_rows=4, rollout_prompt_len=64, rollout_new_tokens=32)
+    single = mc.estimate(work, _mesh((1, 1, 1)))
+    params = cfg.num_params() * 4
+    assert single.terms["weights"] == single.terms["reference"] == 3 * params
+    assert single.terms["optimizer"] == 3 * 2 * params and single.terms["gradients"] == 3 * params
+    kv = 2 * cfg.num_layers * 4 * (64 + 32) * cfg.num_kv_heads * cfg.head_dim * 4
+    assert single.terms["kv_cache"] == kv
+    # rows split over data x fsdp, not over tensor
+    assert mc.estimate(work, _mesh((2, 2, 1))).terms["kv_cache"] == kv // 4
+    assert mc.estimate(work, _mesh((1, 1, 4))).terms["kv_cache"] == kv
+    lora = mc.estimate(work.replace(lora_rank=4), _mesh((1, 1, 1)))
+    shapes = projection_shapes(cfg)
+    adapter = cfg.num_layers * sum(4 * (i + o) for i, o in (shapes[p] for p in PROJECTIONS)) * 4
+    assert lora.terms["weights"] == params and lora.terms["reference"] == 0
+    assert lora.terms["adapters"] == 3 * adapter and lora.terms["optimizer"] == 3 * 2 * adapter
+
+
+def _flags(line: str) -> tuple[dict[str, int], int]:
+    values = dict(re.findall(r"--config\.([\w.]+)=(\d+)", line))
+    mesh = {a: int(values[mc.MESH_KEYS[a]]) for a in mc.AXES}
+    return mesh, int(values.get(mc.LORA_RANK_KEY, 0))
+
+
+def test_over_budget_run_names_settings_that_fit():
+    # Three Qwen3-4B agents, full finetuning, 1k-token sequences, on 8 chips of 95 GiB (TPU v5p-8),
+    # pure data parallel: 3 x (weights + reference + Adam) alone is ~112 GiB per chip.
+    work = mc.Workload(QWEN3_4B, num_agents=3, train_micro_batch=8, train_seq_len=1024, rollout_rows=64,
+                       rollout_prompt_len=2048, rollout_new_tokens=4096)
+    budget = 95 * GiB
+    with pytest.raises(mc.InsufficientMemoryError) as err:
+        mc.check_memory(work, _mesh((8, 1, 1)), budget)
+    message = str(err.value)
+    assert "per device" in message and "optimizer" in message and "settings that fit" in message
+    suggestions = [l for l in message.splitlines() if "--config." in l]
+    assert 1 <= len(suggestions) <= 3
+    for line in suggestions:  # each suggestion really fits when re-estimated
+        mesh, rank = _flags(line)
+        assert mc.estimate(work.replace(lora_rank=rank), mesh).peak <= 0.9 * budget
+        assert mesh != _mesh((8, 1, 1)) or rank
+    assert _flags(suggestions[0])[1] == 0  # a mesh change that keeps full finetuning comes first
+    # On 32 GiB chips only LoRA fits
+    with pytest.raises(mc.InsufficientMemoryError) as err:
+        mc.check_memory(work, _mesh((8, 1, 1)), 32 * GiB)
+    assert all(_flags(l)[1] > 0 for l in str(err.value).splitlines() if "--config." in l)
+
+
+def test_remat_and_flash_attention_remove_the_quadratic_term():
+    work = mc.Workload(QWEN3_4B, train_micro_batch=1, train_seq_len=4096)
+    plain = mc.estimate(work, _mesh((1, 1, 1))).terms["activations"]
+    fused = mc.estimate(work.replace(remat=True, flash_attention=True), _mesh((1, 1, 1))).terms["activations"]
+    scores_per_layer = 32 * 4096 * 4096 * (4 + 2)  # float32 scores + bfloat16 probs
+    assert plain > QWEN3_4B.num_layers * scores_per_layer > 20 * fused
+
+
+def test_nothing_fits_names_the_largest_term():
+    work = mc.Workload(QWEN3_4B, num_agents=3, train_micro_batch=1, train_seq_len=16384, rollout_rows=1,
+                       rollout_prompt_len=8192, rollout_new_tokens=16384)
+    with pytest.raises(mc.InsufficientMemoryError, match="no mesh of 1 devices fits.*largest term is activations.*rematerialization"):
+        mc.check_memory(work, _mesh((1, 1, 1)), 80 * GiB)
+
+
+def test_a_fitting_run_returns_its_estimate_and_bad_meshes_are_named():
+    cfg = ModelConfig.tiny(**PROBE_CFG)
+    est = mc.check_memory(mc.Workload(cfg), _mesh((1, 1, 1)), 4 * GiB)
+    assert 0.9 * GiB < est.peak < 1.1 * GiB and "mesh data=1 fsdp=1 tensor=1" in est.describe()
+    with pytest.raises(ValueError, match="positive mesh sizes"):
+        mc.estimate(mc.Workload(cfg), {"data": 2, "fsdp": 1})
+    with pytest.raises(ValueError, match="train_seq_len must be positive"):
+        mc.Workload(cfg, train_seq_len=0)
+    assert mc.device_memory_bytes() > GiB  # CPU: host RAM
+
+
+def test_candidate_meshes_respect_batch_divisibility():
+    work = mc.Workload(ModelConfig.tiny(), train_micro_batch=2, rollout_rows=4)
+    meshes = mc.candidate_meshes(8, work)
+    assert {"data": 1, "fsdp": 1, "tensor": 8} in meshes and {"data": 2, "fsdp": 1, "tensor": 4} in meshes
+    assert all(m["data"] * m["fsdp"] <= 2 and m["data"] * m["fsdp"] * m["tensor"] == 8 for m in meshes)
+
+
+if __name__ == "__main__":
+    _probe()
