@@ -115,3 +115,11 @@ def test_repair_prompt_keeps_context():
 def test_request_validation():
   with pytest.raises(ValueError, match="pipeline"):
     _request(pipeline="chess")
+
+
+def test_cache_key_separates_backend_model_and_prompt():
+  from mappa_jax.coach import cache_key
+  text = build_prompt(_request()).cache_text()
+  keys = {cache_key("gemini", "gemini-2.5-flash", text), cache_key("openai", "gemini-2.5-flash", text),
+          cache_key("gemini", "gemini-2.5-pro", text), cache_key("gemini", "gemini-2.5-flash", text + " ")}
+  assert len(keys) == 4 and all(len(k) == 64 for k in keys)
