@@ -137,12 +137,25 @@ class EpisodeRunner:
         limits = [n for n in (topology.max_prompt_tokens, getattr(policy, "max_prompt_tokens", None))
                   if n]
         self.max_prompt_tokens = min(limits) if limits else 0
+        self._running = False
 
     async def run(self, tasks: Sequence[Any], samples_per_task: int = 1, seed: int = 0,
                   episode_prefix: str = "") -> RunResult:
-        """Runs len(tasks) * samples_per_task episodes; returns their results and the timings."""
+        """Runs len(tasks) * samples_per_task episodes; returns their results and the timings.
+
+        One batch at a time per runner (the timings are the batch's own).
+        """
         if samples_per_task < 1:
             raise ValueError(f"samples_per_task must be >= 1, got {samples_per_task}")
+        if self._running:
+            raise RuntimeError("EpisodeRunner.run is already running a batch; use another runner")
+        self._running = True
+        try:
+            return await self._run(tasks, samples_per_task, seed, episode_prefix)
+        finally:
+            self._running = False
+
+    async def _run(self, tasks, samples_per_task, seed, episode_prefix) -> RunResult:
         start = time.perf_counter()
         self._sampling_intervals: list[tuple[float, float]] = []
         self._tool_intervals: list[tuple[float, float]] = []
