@@ -32,11 +32,11 @@ def _requests(n: int) -> list[CoachRequest]:
 
 async def _run(client, requests):
   client.backend.prepare()  # SDK import / connection-pool setup is start-up cost, not throughput
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   verdicts = await client.score_all(requests)
-  elapsed = time.perf_counter() - start
+  elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
   await client.aclose()
-  return verdicts, elapsed
+  return verdicts, elapsed, cpu
 
 
 def throughput(n_requests: int = 1000, latency_s: float = 0.2, concurrency: int = 64,
@@ -56,13 +56,13 @@ def throughput(n_requests: int = 1000, latency_s: float = 0.2, concurrency: int 
     if backend == "gemini":
       os.environ.setdefault("GEMINI_API_KEY", "benchmark-placeholder-key")
     client = make_coach(config)
-    verdicts, elapsed = asyncio.run(_run(client, _requests(n_requests)))
+    verdicts, elapsed, cpu = asyncio.run(_run(client, _requests(n_requests)))
     hits = server.stats()["hits"]
   ideal = n_requests / concurrency * latency_s
   ok = sum(v.ok for v in verdicts)
   return {"backend": backend, "requests": n_requests, "concurrency": concurrency,
           "latency_s": latency_s, "server_hits": hits, "ok": ok, "elapsed_s": elapsed,
-          "ideal_s": ideal, "ratio": elapsed / ideal if ideal else float("nan"), "metrics": client.metrics()}
+          "client_cpu_ms_per_request": 1000 * cpu / n_requests, "ideal_s": ideal, "ratio": elapsed / ideal if ideal else float("nan"), "metrics": client.metrics()}
 
 
 def rollout_overlap() -> dict:
@@ -88,7 +88,9 @@ def main():
         f"ratio={result['ratio']:.3f} (target <= {TARGET_RATIO}: "
         f"{'PASS' if result['ratio'] <= TARGET_RATIO else 'FAIL'})")
   print(f"latency p50={m['latency_p50_s']:.3f}s p90={m['latency_p90_s']:.3f}s p99={m['latency_p99_s']:.3f}s "
-        f"calls={m['calls']} retries={m['retries']} fallbacks={m['fallbacks']}")
+        f"calls={m['calls']} retries={m['retries']} fallbacks={m['fallbacks']} "
+        f"client_cpu={result['client_cpu_ms_per_request']:.2f} ms/request "
+        f"load_avg_1min={os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
   if args.check and result["ratio"] > TARGET_RATIO:
     raise SystemExit(1)
 
