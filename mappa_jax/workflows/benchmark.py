@@ -44,9 +44,9 @@ def _report(result, verdicts, tasks) -> str:
         scores = [verdicts[(a.episode_id, a.agent, a.turn)].score for a in actions
                   if verdicts[(a.episode_id, a.agent, a.turn)].ok]
         ran_code = sum(a.tool is not None for a in actions)
+        mean_tokens = statistics.mean(len(a.generated_ids) for a in actions)
         lines.append(
-            f"  {agent}: {len(actions)} actions, mean {statistics.mean(len(a.generated_ids) for a in actions):.0f} "
-            f"tokens, {sum(a.truncated for a in actions)} truncated, {ran_code} ran code, "
+            f"  {agent}: {len(actions)} actions, mean {mean_tokens:.0f} tokens, {sum(a.truncated for a in actions)} truncated, {ran_code} ran code, "
             f"coach mean {statistics.mean(scores) if scores else float('nan'):.2f}")
     answers = {t.task_id: t.answer for t in tasks}
     episodes = result.episodes

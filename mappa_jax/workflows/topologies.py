@@ -24,9 +24,9 @@ your answer written as \\boxed{answer}."""
 
 CODE_EXECUTOR = _MATH_TEAM + """
 You are the Code Executor. Check the Problem Solver's work by computing the answer with Python. \
-Write one program in a ```python fenced block that prints what it computes; it is run in a fresh \
-Python process as soon as the block closes and you are shown its output. Then you get one more turn: fix the code if it \
-failed, or state the computed answer as \\boxed{answer}."""
+Write one program in a ```python fenced block that prints what it computes; it is run in a \
+fresh Python process as soon as the block closes and you are shown its output. Then you get one \
+more turn: fix the code if it failed, or state the computed answer as \\boxed{answer}."""
 
 VERIFIER = _MATH_TEAM + """
 You are the Verifier. Compare the Problem Solver's reasoning with the Code Executor's results, \
