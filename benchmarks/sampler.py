@@ -1,0 +1,138 @@
+"""Generation speed: our jitted sampler vs transformers' PyTorch `generate`, same weights, same run.
+
+SmolLM2-135M-Instruct (float32 weights from the GGUF), batches of chat prompts of ~100 tokens, 256 new
+tokens sampled at temperature 1 (EOS ignored, so both do exactly the same number of steps).
+Prints tokens/s of both, their ratio, our compile time, and how close decode gets to this machine's
+memory-bandwidth roofline (bandwidth measured here with a large NumPy copy).
+
+    python benchmarks/sampler.py [--batches 8 32] [--new-tokens 256] [--compute-dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mappa_jax.models import hub, weights  # noqa: E402
+from mappa_jax.sampling import Sampler, SamplerConfig  # noqa: E402
+
+TOPICS = ["the water cycle", "prime numbers", "how a compiler works", "photosynthesis", "the French revolution",
+          "black holes", "sorting algorithms", "the immune system", "plate tectonics", "neural networks",
+          "the stock market", "volcanoes", "the Roman empire", "quantum computing", "climate change", "jazz music"]
+
+
+def make_prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
+    """Chat prompts cut or padded (by repeating the request) to about `length` tokens."""
+    prompts = []
+    for i in range(batch):
+        text = (f"Please explain {TOPICS[i % len(TOPICS)]} to a curious student, step by step, with one "
+                f"example and one common misconception. ") * 6
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        prompts.append(ids[-(length - i % 7):])  # slightly different lengths, as in real batches
+    return prompts
+
+
+def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Read + write bandwidth of a large NumPy copy (GB/s): the decode roofline's denominator."""
+    src = np.ones(size_mb * (1 << 20) // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best / 1e9
+
+
+def decode_bytes_per_step(cfg, batch: int, context: float, param_bytes: int, cache_itemsize: int) -> float:
+    """Bytes a decode step must read at minimum: every weight once, plus the live KV cache."""
+    kv = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim * cache_itemsize
+    return param_bytes + kv
+
+
+def bench_ours(sampler, state, prompts, new_tokens, repeats):
+    start = time.perf_counter()
+    sampler.generate(state, prompts, max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=[], seed=0)
+    first = time.perf_counter() - start
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        out = sampler.generate(state, prompts, max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=[],
+                               seed=r + 1)
+        times.append(time.perf_counter() - start)
+    assert (out.lengths == new_tokens).all()
+    best = min(times)
+    return out.lengths.sum() / best, first - best, best
+
+
+def bench_torch(model, prompts, new_tokens, pad_id):
+    import torch
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    kwargs = dict(attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
+    with torch.no_grad():
+        model.generate(ids[:, :8], attention_mask=mask[:, :8], do_sample=True, max_new_tokens=2, pad_token_id=pad_id)
+        start = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        elapsed = time.perf_counter() - start
+    generated = (out.shape[1] - width) * len(prompts)
+    return generated / elapsed, elapsed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compute-dtype", default=None, help="e.g. bfloat16 (weights stay float32)")
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    path = hub.smollm2_gguf_path()
+    cfg, state = weights.load_gguf(path)
+    tokenizer = weights.load_tokenizer(path)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    bandwidth = memory_bandwidth_gbs()
+    print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; memory bandwidth (numpy copy) "
+          f"{bandwidth:.1f} GB/s; params {param_bytes / 1e6:.0f} MB ({cfg.num_params() / 1e6:.0f}M)")
+    sampler_config = SamplerConfig(batch_buckets=tuple(sorted(set(args.batches))), prompt_buckets=(128,),
+                                   generation_buckets=(args.new_tokens,), compute_dtype=args.compute_dtype)
+    sampler = Sampler(cfg, sampler_config)
+    if not args.skip_torch:
+        hf = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**cfg.to_hf_dict()), dtype=torch.float32).eval()
+        hf.load_state_dict({k: torch.from_numpy(v) for k, v in weights.hf_tensors(cfg, state).items()}, strict=False)
+    for batch in args.batches:
+        prompts = make_prompts(tokenizer, batch, args.prompt_tokens)
+        ours, compile_s, seconds = bench_ours(sampler, state, prompts, args.new_tokens, args.repeats)
+        context = np.mean([len(p) for p in prompts]) + args.new_tokens / 2
+        itemsize = np.dtype(sampler.cache_dtype).itemsize
+        step_bytes = decode_bytes_per_step(cfg, batch, context, param_bytes, itemsize)
+        roofline_step = step_bytes / (bandwidth * 1e9)
+        step = seconds / args.new_tokens  # upper bound: includes prefill
+        line = (f"batch {batch:3d}: ours {ours:7.1f} tok/s ({seconds:.2f} s, compile {compile_s:.1f} s, "
+                f"{step * 1e3:.1f} ms/step, roofline {roofline_step * 1e3:.1f} ms/step = {roofline_step / step:.0%})")
+        if not args.skip_torch:
+            theirs, their_s = bench_torch(hf, prompts, args.new_tokens, cfg.eos_token_ids[0])
+            line += f" | transformers {theirs:7.1f} tok/s ({their_s:.2f} s) | ratio {ours / theirs:.2f}x"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
