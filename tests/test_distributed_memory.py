@@ -178,6 +178,22 @@ def test_a_fitting_run_returns_its_estimate_and_bad_meshes_are_named():
     assert mc.device_memory_bytes() > GiB  # CPU: host RAM
 
 
+def test_workload_and_check_from_the_run_config():
+    from jax.sharding import AbstractMesh
+    from mappa_jax.config import base_config
+    config = base_config()
+    config.policy.mode = "full"
+    work = mc.workload_from_config(config, QWEN3_4B)
+    assert work.num_agents == 3 and work.lora_rank == 0
+    assert work.train_seq_len == max(config.rl.length_buckets)
+    assert work.rollout_rows == max(config.sampler.batch_buckets)
+    mesh = AbstractMesh((8, 1, 1), mc.AXES)
+    with pytest.raises(mc.InsufficientMemoryError, match="the run needs about"):
+        mc.check_run(config, QWEN3_4B, mesh, 95 * GiB)
+    config.policy.mode = "lora"
+    assert mc.workload_from_config(config, QWEN3_4B).lora_rank == config.policy.lora_rank
+
+
 def test_candidate_meshes_respect_batch_divisibility():
     work = mc.Workload(ModelConfig.tiny(), train_micro_batch=2, rollout_rows=4)
     meshes = mc.candidate_meshes(8, work)

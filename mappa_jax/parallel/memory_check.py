@@ -32,7 +32,8 @@ GiB = 1024 ** 3
 AXES = ("data", "fsdp", "tensor")
 # The run-config keys that the suggestions name (the lead's configs/base.py layout).
 MESH_KEYS = {"data": "mesh.data", "fsdp": "mesh.fsdp", "tensor": "mesh.tensor"}
-LORA_RANK_KEY = "lora.rank"
+LORA_MODE_FLAG = "--config.policy.mode=lora"
+LORA_RANK_KEY = "policy.lora_rank"
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Known per-chip memory when the runtime does not report it (bytes).
 _KNOWN_DEVICE_BYTES = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5e": 16 * GiB, "TPU v5p": 95 * GiB,
@@ -248,7 +249,7 @@ def suggest(work: Workload, num_devices: int, budget: int, lora_ranks=(16, 64)) 
 def _overrides(est: MemoryEstimate, work: Workload) -> str:
     flags = [f"--config.{MESH_KEYS[a]}={est.mesh[a]}" for a in AXES]
     if est.lora_rank != work.lora_rank:
-        flags.append(f"--config.{LORA_RANK_KEY}={est.lora_rank}")
+        flags += [LORA_MODE_FLAG, f"--config.{LORA_RANK_KEY}={est.lora_rank}"]
     return " ".join(flags) + f"  (peak {_gib(est.peak)})"
 
 
@@ -278,3 +279,35 @@ def check_memory(work: Workload, mesh_sizes: Mapping[str, int], device_bytes: in
                      f"{largest} ({_gib(est.terms[largest])}){hint}: lower rl.micro_batch_size, the "
                      "sequence or generation length, or the rollout rows, use bfloat16, or add devices.")
     raise InsufficientMemoryError("\n".join(lines))
+
+
+# ---- from a run config ---------------------------------------------------------------------------
+def _bucket(size: int, buckets) -> int:
+    buckets = sorted(int(b) for b in buckets)
+    return next((b for b in buckets if b >= size), buckets[-1])
+
+
+def workload_from_config(config, model: ModelConfig) -> Workload:
+    """The worst case a run config (mappa_jax/config.py layout) can reach: the largest training
+    length bucket, the largest sampler batch bucket, the longest prompt and generation buckets."""
+    agents = config.topology.agents
+    policies = {agents[name].policy for name in agents}
+    new_tokens = max(int(agents[name].max_new_tokens) for name in agents)
+    prompt = int(config.topology.get("max_prompt_tokens", 0) or max(config.sampler.prompt_buckets))
+    lora = config.policy.mode == "lora"
+    return Workload(
+        model=model, num_agents=len(policies), lora_rank=int(config.policy.lora_rank) if lora else 0,
+        lora_targets=tuple(config.policy.lora_targets), train_micro_batch=int(config.rl.micro_batch_size),
+        train_seq_len=max(int(b) for b in config.rl.length_buckets),
+        rollout_rows=max(int(b) for b in config.sampler.batch_buckets),
+        rollout_prompt_len=_bucket(prompt, config.sampler.prompt_buckets),
+        rollout_new_tokens=_bucket(new_tokens, config.sampler.generation_buckets),
+        cache_dtype=config.sampler.get("cache_dtype") or config.sampler.get("compute_dtype") or None)
+
+
+def check_run(config, model: ModelConfig, mesh, device_bytes: int | None = None,
+              headroom: float = 0.9) -> MemoryEstimate:
+    """check_memory for a run config on a built mesh (call it before loading weights)."""
+    sizes = {a: int(mesh.shape[a]) for a in AXES}
+    return check_memory(workload_from_config(config, model), sizes, device_bytes,
+                        num_devices=math.prod(sizes.values()), headroom=headroom)
