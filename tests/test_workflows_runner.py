@@ -19,7 +19,7 @@ from mappa_jax.eval.ds_metrics import score_submission
 from mappa_jax.eval.math_grading import grade_math
 from mappa_jax.tools import Sandbox, SandboxConfig
 from mappa_jax.workflows.chat import ChatFormat
-from mappa_jax.workflows.coaching import CoachHandoff
+from mappa_jax.workflows.coaching import CoachHandoff, to_coach_request
 from mappa_jax.workflows.policy import ScriptedPolicy
 from mappa_jax.workflows.runner import EpisodeRunner
 from mappa_jax.workflows.specs import topology_from_config
@@ -285,6 +285,19 @@ def test_data_science_pipeline_end_to_end(tokenizer, sandbox, tmp_path):
             reference = np.sqrt(mean_squared_error(merged[target], merged[target + "_pred"]))
             assert scored.metrics["rmse"] == pytest.approx(reference)
             assert scored.metrics["nrmse"] < 1.0  # better than predicting the mean
+
+        # What the coach is shown for the Analyst's code turn.
+        analyst_action = by_turn[("analyst", 0)]
+        request = to_coach_request(analyst_action, topo, task,
+                                   harness_metrics=harness(task, episode.submission_path))
+        assert (request.pipeline, request.role, request.turn) == ("datascience", "analyst", 0)
+        assert request.role_instructions == topo.agent("analyst").instructions
+        assert request.agent_input.startswith("[user]\n" + task.prompt.strip()[:40])
+        assert request.agent_output == analyst_action.text
+        assert "[exit status 0]" in request.tool_output and "rows" in request.tool_output
+        assert request.files_created == ("submission.csv",)
+        assert {"X_train.csv", "model.pkl", "submission.csv"} <= set(request.files_present)
+        assert request.harness_metrics["success"] is True and request.ground_truth is None
 
         # The coach saw every action; the DE saved all required files, the Analyst got metrics.
         assert verdicts[(episode.episode_id, "data_engineer", 1)].score == 10
