@@ -6,6 +6,7 @@ the frozen reference policy that MAPPA's KL term needs, at no extra memory.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -32,3 +33,15 @@ class LoraAdapters(nnx.Module):
 
     def layer_params(self) -> dict[str, tuple]:
         return {name: (getattr(self, f"{name}_a")[...], getattr(self, f"{name}_b")[...]) for name in self.targets}
+
+
+def merge_lora(cfg: ModelConfig, base_state: nnx.State, adapters: LoraAdapters) -> nnx.State:
+    """The base state with W + scale * A B folded in: a plain decoder state for export/serving.
+    The base itself is left untouched (other agents share it)."""
+    merged = nnx.to_pure_dict(base_state)
+    for name, (a, b) in adapters.layer_params().items():
+        w = merged[name]
+        merged[name] = (w.astype(jnp.float32) + adapters.scale * jnp.einsum("lir,lro->lio", a, b)).astype(w.dtype)
+    state = jax.tree.map(lambda x: x, base_state)  # a new State container over the same arrays
+    nnx.replace_by_pure_dict(state, merged)
+    return state

