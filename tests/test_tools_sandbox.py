@@ -131,6 +131,15 @@ def test_runs_unprivileged_in_its_own_namespaces(sandbox, workspace):
                                      "/workspace"]
 
 
+def test_bwrap_sandbox_cannot_create_user_namespaces(sandbox, workspace):
+    if sandbox.backend_name != "bwrap":
+        pytest.skip("only bubblewrap can forbid nested user namespaces (--disable-userns)")
+    result = run(sandbox, ["import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                           "print(libc.unshare(0x10000000), ctypes.get_errno() != 0)\n"],
+                 workspace)  # 0x10000000 = CLONE_NEWUSER
+    assert result.stdout.split() == ["-1", "True"]
+
+
 # The probe every isolation test runs: one JSON line per attempt, {"target": "ok" | "ErrorName"}.
 _ATTEMPTS = """
 import json, socket
@@ -331,12 +340,14 @@ def _count_host_processes():
 
 
 def test_bombs_are_contained_while_other_episodes_carry_on(sandbox, tmp_path):
-    limits = dataclasses.replace(sandbox.config, wall_timeout_s=30, cpu_time_s=1,
+    limits = dataclasses.replace(sandbox.config, wall_timeout_s=30, cpu_time_s=10,
                                  memory_bytes=512 << 20, file_size_bytes=32 << 20,
                                  max_processes=16)
     # Memory, CPU and file bombs must be stopped by their rlimits, not the wall clock, however
     # much the fork bomb slows them down on a small machine; only the fork bomb needs the clock.
     limited = _make_sandbox(limits)
+    cpu_limits = dataclasses.replace(limits, cpu_time_s=1)
+    cpu_limited = _make_sandbox(cpu_limits)
     fork_limits = dataclasses.replace(limits, wall_timeout_s=4)
     fork_limited = _make_sandbox(fork_limits)
     baseline_processes = _count_host_processes()
@@ -354,7 +365,7 @@ def test_bombs_are_contained_while_other_episodes_carry_on(sandbox, tmp_path):
 
         watcher = asyncio.ensure_future(watch_processes())
         programs = {"fork": (fork_limited, _FORK_BOMB), "memory": (limited, _MEMORY_BOMB),
-                    "loop": (limited, _INFINITE_LOOP), "file": (limited, _GIANT_FILE)}
+                    "loop": (cpu_limited, _INFINITE_LOOP), "file": (limited, _GIANT_FILE)}
         workspaces = {name: Workspace.create(tmp_path, name) for name in [*programs, "good"]}
         runs = [runner.run_cells([code], workspaces[name])
                 for name, (runner, code) in programs.items()]
@@ -368,8 +379,8 @@ def test_bombs_are_contained_while_other_episodes_carry_on(sandbox, tmp_path):
     try:
         results, worst_gap, peak, workspaces = asyncio.run(scenario())
     finally:
-        limited.close()
-        fork_limited.close()
+        for each in (limited, cpu_limited, fork_limited):
+            each.close()
 
     good = results["good"]
     assert good.exit_code == 0, good.stderr

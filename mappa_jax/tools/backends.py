@@ -52,6 +52,8 @@ def sandbox_environment(config: SandboxConfig) -> dict[str, str]:
         "XDG_CONFIG_HOME": "/tmp/.config",
         "TMPDIR": "/tmp",
         "LANG": "C.UTF-8",
+        "USER": "sandbox",  # getpass.getuser() reads these; the sandbox has no /etc/passwd
+        "LOGNAME": "sandbox",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONHASHSEED": "0",
@@ -157,8 +159,9 @@ class BubblewrapBackend(Backend):
             workspace_source = str(staging / "workspace")
         else:
             sources, workspace_source = list(self._ro_paths), str(workspace)
-        args = [self.tools["bwrap"], "--unshare-all", "--die-with-parent", "--new-session",
-                "--cap-drop", "ALL", "--hostname", "sandbox"]
+        # --disable-userns: model code cannot make further user namespaces (kernel attack surface).
+        args = [self.tools["bwrap"], "--unshare-all", "--unshare-user", "--disable-userns",
+                "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
         for path in _SYSTEM_DIRS:
             if os.path.islink(path):
                 args += ["--symlink", os.readlink(path), path]
