@@ -101,5 +101,8 @@ def test_single_process_helpers_are_identity():
     assert dist.host_shard([1, 2, 3]) == [1, 2, 3]
     assert dist.gather_from_hosts([{"a": 1}]) == [{"a": 1}]
     assert dist.broadcast_from_host0("x") == "x"
+    import jax.numpy as jnp
+    fetched = dist.fetch_global({"a": jnp.arange(3)})
+    assert type(fetched["a"]).__name__ == "ndarray" and fetched["a"].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="process index 2"):
         dist.host_slice(4, 2, 2)

@@ -62,6 +62,9 @@ def _worker() -> None:
     step = jax.jit(lambda x, w: jnp.tanh(x @ w).sum(axis=1), out_shardings=replicated(mesh))
     y = step(x, w)
     w_host = np.asarray(jax.jit(lambda w: w, out_shardings=replicated(mesh))(w))
+    # A batch-sharded result spans both hosts: jax.device_get cannot fetch it, fetch_global can.
+    rows_out = jax.jit(lambda x, w: x @ w, out_shardings=batch_sharding(mesh, 2))(x, w)
+    fetched = distributed.fetch_global({"rows": rows_out})["rows"]
     print("RESULT " + json.dumps({
         "mode": spec.mode, "process_index": pid, "process_count": jax.process_count(),
         "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
@@ -69,6 +72,8 @@ def _worker() -> None:
         "local": local, "gathered": gathered, "seed": seed,
         "y": np.asarray(y).tolist(), "y_bytes": np.asarray(y).tobytes().hex(),
         "reference": np.tanh(x_full @ w_host).sum(axis=1).tolist(),
+        "fetched_ok": bool(np.allclose(fetched, x_full @ w_host, rtol=1e-5, atol=1e-5)),
+        "fetched_shape": list(fetched.shape),
         "seconds": time.monotonic() - start}), flush=True)
 
 
@@ -100,6 +105,10 @@ def test_gather_from_hosts_gives_every_host_the_full_ordered_list(two_hosts):
     # each item was processed exactly once, by the host that owned it
     assert [g["host"] for g in first] == [0] * 6 + [1] * 5
     assert {len(g["note"]) for g in first} == {100, 200}
+
+
+def test_fetch_global_gathers_arrays_spanning_hosts(two_hosts):
+    assert all(r["fetched_ok"] and r["fetched_shape"] == [16, 6] for r in two_hosts)
 
 
 def test_broadcast_from_host0(two_hosts):

@@ -279,6 +279,18 @@ def gather_from_hosts(local_results: Sequence) -> list:
     return merged
 
 
+def fetch_global(tree: Any) -> Any:
+    """NumPy copies of a pytree of jax.Arrays, each whole on every process, even where it spans
+    other hosts' devices (where `jax.device_get` fails). A collective when any leaf does."""
+    import jax
+    import numpy as np
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def broadcast_from_host0(obj: Any) -> Any:
     """Process 0's `obj` on every process (e.g. a run id or a seed picked once). A collective."""
     if process_count() == 1:
