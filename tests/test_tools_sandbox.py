@@ -94,9 +94,12 @@ def test_files_flow_between_agents_of_one_episode(sandbox, workspace, tmp_path):
     source.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{2 * i + 1}\n" for i in range(40)))
     workspace.copy_in({"train.csv": source}, forbidden=[answers])
     engineer = run(sandbox, [
-        "import pandas as pd\nframe = pd.read_csv('train.csv')\n",
-        "frame[['a', 'b']].to_csv('X_train.csv', index=False)\n"
-        "frame['y'].to_csv('y_train.csv', index=False)\nprint(len(frame))\n"], workspace)
+        "import csv\nrows = list(csv.DictReader(open('train.csv')))\n",  # stdlib: a quick agent
+        "with open('X_train.csv', 'w') as x, open('y_train.csv', 'w') as y:\n"
+        "    x.write('a,b\\n'); y.write('y\\n')\n"
+        "    for row in rows:\n"
+        "        x.write(f\"{row['a']},{row['b']}\\n\"); y.write(f\"{row['y']}\\n\")\n"
+        "print(len(rows))\n"], workspace)
     assert engineer.exit_code == 0, engineer.stderr
     assert engineer.files_created == ("X_train.csv", "y_train.csv")
     modeler = run(sandbox, [
