@@ -9,7 +9,8 @@ Behaviour the agents (and the coach) can rely on:
 - If a cell's last statement is an expression, its repr is printed (as a notebook displays it).
 - A cell that raises prints its traceback (with the cell's own line numbers and source) to stderr,
   and the remaining cells are NOT run: later cells almost always depend on the failed one, and
-  running them only buries the real error under follow-up NameErrors. A note names the skipped cells.
+  running them only buries the real error under follow-up NameErrors. A note names the skipped
+  cells.
 - Exit status: 0 when every cell ran, 1 when a cell raised, the code of SystemExit if a cell exits.
 Resource limits are applied here, before any model code runs, so they hold inside the sandbox's
 own user namespace (RLIMIT_NPROC is then counted per sandbox, not per host uid).

@@ -25,8 +25,8 @@ class ExecResult:
 
     exit_code: the runner's status (0 all cells ran, 1 a cell raised, 128+N killed by signal N,
         -9 when the host killed it at the wall-clock limit).
-    killed_reason: None if the runner finished by itself, else "wall_timeout", "cpu_time" (RLIMIT_CPU)
-        or "signal <NAME>".
+    killed_reason: None if the runner finished by itself, else "wall_timeout", "cpu_time"
+        (RLIMIT_CPU) or "signal <NAME>". A memory bomb is not killed: its cell gets MemoryError.
     files_created / files_modified: relative paths (POSIX) changed by this run in the workspace.
     files_present: every file in the workspace after the run.
     """
