@@ -47,6 +47,7 @@ setup(
             "mappa-train=mappa_jax.train:run",
             "mappa-eval=mappa_jax.evaluate:run",
             "mappa-chat=mappa_jax.chat:run",
+            "mappa-plot=mappa_jax.plots:run",
         ]
     },
 )

@@ -167,3 +167,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if source.startswith("random:") and source.split(":", 1)[1] not in ("llama", "qwen2", "qwen3"):
         raise ConfigError(f"config key 'model.source' {source!r}: random models are random:llama, "
                           "random:qwen2 or random:qwen3")
+
+
+def config_from_file(path) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, by path (lets one configs/ file extend another without
+    configs/ being an importable package)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"mappa_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -140,9 +140,11 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array,
                  cache: KVCache | None = None, cache_index: jax.Array | int = 0,
-                 lora=None) -> tuple[jax.Array, KVCache | None]:
+                 lora=None, return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions: [B, T] int; kv_mask: [B, S] bool over keys (S = T without a cache,
-        else the cache's slots). Returns float32 logits [B, T, V] and the updated cache."""
+        else the cache's slots). Returns float32 logits [B, T, V] and the updated cache; with
+        return_hidden, the final-norm hidden states [B, T, H] instead of logits, so a caller that
+        needs few positions' logits (the trainer: generated tokens only) applies `head` to those."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         b, t = tokens.shape
         inv_freq = rope_inv_freq(cfg)
@@ -191,9 +193,13 @@ class Decoder(nnx.Module):
         init = (x, None if cache is None else cache.k, None if cache is None else cache.v, 0)
         (x, cache_k, cache_v, _), _ = jax.lax.scan(layer, init, (self.layer_params(), adapters))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.dot(x, head.astype(dt), preferred_element_type=jnp.float32)
-        return logits, (None if cache is None else KVCache(cache_k, cache_v))
+        new_cache = None if cache is None else KVCache(cache_k, cache_v)
+        return (x if return_hidden else self.head(x)), new_cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Final-norm hidden states [..., H] -> float32 logits [..., V]."""
+        weight = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return jnp.dot(hidden, weight.astype(self.cfg.jnp_dtype), preferred_element_type=jnp.float32)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -1,0 +1,37 @@
+"""The paper's data-science run: Qwen3-4B as Data Engineer -> Modeler -> Analyst on 64 DSBench
+modelling tasks (34 regression, 30 classification; stratified batches), 6 held-out tasks x 4
+trials, Gemini 2.5 Pro as coach, 16k tokens per action. Point data.train / data.eval at DSBench-format
+task directories (see mappa_jax/data/dsbench.py). Needs GEMINI_API_KEY (or Vertex AI settings)."""
+from mappa_jax.config import base_config
+from mappa_jax.workflows import data_science_config
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "runs/datascience_qwen3_4b"
+    c.model.source = "Qwen/Qwen3-4B"
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.policy.mode = "full"
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.topology = data_science_config()
+    for agent in c.topology.agents.values():
+        agent.max_new_tokens = 16384
+    c.topology.max_prompt_tokens = 24576
+    c.sampler.generation_buckets = (16384,)
+    c.sampler.batch_buckets = (32, 64)
+    c.rl.length_buckets = (8192, 16384, 28672, 40960)
+
+    c.data.train = {"source": "dsbench", "tasks_root": "data/dsbench/train", "answers_root": "data/dsbench/answers"}
+    c.data.eval = {"source": "dsbench", "tasks_root": "data/dsbench/heldout", "answers_root": "data/dsbench/answers"}
+    c.coach.backend = "gemini"
+    c.coach.model = "gemini-2.5-pro"
+    c.coach.ground_truth_roles = ()
+    c.train.steps = 84             # 21 epochs x 64 tasks / 16 tasks per step
+    c.train.tasks_per_step = 16
+    c.train.samples_per_task = 2
+    c.train.eval_every = 4         # per-epoch-ish; the paper saw the held-out peak near epoch 10
+    c.train.eval_samples = 4
+    c.train.sandbox_wall_timeout_s = 600.0
+    return c

@@ -1,0 +1,41 @@
+"""The paper's MathChat run with Qwen3-4B (Thinking-2507) agents: AIME 1983-2024 for training,
+AIME 2025 and AMC for evaluation, Gemini 2.5 Flash as coach, full finetuning of all three agents.
+Put the problem files (JSONL/JSON/parquet with problem, answer, id, year) under data/ or override
+--config.data.train.files / --config.data.eval.files. Needs GEMINI_API_KEY (or Vertex AI settings)."""
+from mappa_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "runs/mathchat_qwen3_4b"
+    c.model.source = "Qwen/Qwen3-4B-Thinking-2507"
+    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"
+    c.policy.mode = "full"
+    c.mesh.data = 1
+    c.mesh.fsdp = -1                # ZeRO-3 style: parameters and optimizer state over all chips
+
+    c.data.train = {"source": "math_files", "files": [
+        {"path": "data/aime_1983_2024.jsonl", "task_type": "aime"}]}
+    c.data.eval = {"source": "math_files", "files": [
+        {"path": "data/aime_2025.jsonl", "task_type": "aime2025"},
+        {"path": "data/amc.jsonl", "task_type": "amc"}]}
+    c.coach.backend = "gemini"
+    c.coach.model = "gemini-2.5-flash"
+
+    for agent in c.topology.agents.values():
+        agent.max_new_tokens = 4096
+    c.topology.max_prompt_tokens = 24576
+    c.sampler.generation_buckets = (4096,)
+    c.sampler.batch_buckets = (64, 128)
+
+    c.rl.learning_rate = 1e-6
+    c.rl.train_batch_size = 16
+    c.rl.micro_batch_size = 4
+    c.train.steps = 128
+    c.train.tasks_per_step = 32
+    c.train.samples_per_task = 2
+    c.train.eval_every = 16
+    c.train.eval_samples = 4
+    c.train.eval_temperature = 0.6
+    return c
