@@ -1,0 +1,61 @@
+"""The sampler on a mesh of 8 forced CPU devices gives the same tokens as on one device.
+
+XLA_FLAGS must be set before jax is imported, so the check runs in a fresh subprocess: this file
+does not change the device count seen by the other tests of the same pytest process."""
+import os
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent('''
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, numpy as np
+    from flax import nnx
+    from mappa_jax.models.config import ModelConfig
+    from mappa_jax.models.decoder import Decoder
+    from mappa_jax.models.lora import LoraAdapters
+    from mappa_jax.parallel import make_mesh
+    from mappa_jax.sampling import Sampler, SamplerConfig
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg = ModelConfig.tiny("llama")
+    _, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+    state = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), state)
+    lora = LoraAdapters(cfg, rank=2, alpha=4.0, targets=("q_proj", "up_proj"), rngs=nnx.Rngs(2))
+    lora.up_proj_b[...] = 0.3 * jax.random.normal(jax.random.key(3), lora.up_proj_b.shape)
+    buckets = SamplerConfig(batch_buckets=(8, 16), prompt_buckets=(16,), generation_buckets=(16,))
+    prompts = [[1, 5, 9], [1, 7, 8, 9, 10, 11], [1, 100, 3, 4], [9]]
+    calls = [dict(n=3, temperature=1.0, top_p=0.9, seed=3), dict(n=2, temperature=0.0, lora=lora)]
+    single = Sampler(cfg, buckets)
+    reference = [single.generate(state, prompts, max_new_tokens=12, stop_token_ids=[], **kw) for kw in calls]
+    for axes in (dict(data=2, fsdp=2, tensor=2),):  # batch over data x fsdp, params over fsdp x tensor
+        mesh = make_mesh(**axes)
+        sharded = Sampler(cfg, buckets, mesh)
+        for kw, ref in zip(calls, reference):
+            out = sharded.generate(state, prompts, max_new_tokens=12, stop_token_ids=[], **kw)
+            np.testing.assert_array_equal(out.tokens, ref.tokens)
+            np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+        # The KV cache really is split over the data axes.
+        prefill, _ = sharded._programs_for(None)
+        rows = np.zeros((8,), np.int32)
+        cache, _ = prefill(sharded._put_params(state), None, sharded._put_batch(np.ones((8, 16), np.int32)),
+                           sharded._put_batch(np.ones((8, 16), bool)), sharded._put_batch(rows), generation_slots=16)
+        assert len(cache.k.sharding.device_set) == 8
+        assert cache.k.sharding.shard_shape(cache.k.shape)[1] == 8 // (axes.get("data", 1) * axes.get("fsdp", 1))
+    try:
+        Sampler(cfg, SamplerConfig(batch_buckets=(4, 8)), make_mesh(data=8))
+        raise SystemExit("batch buckets that the mesh cannot split were accepted")
+    except ValueError as err:
+        assert "batch_buckets" in str(err)
+    print("SHARDED_OK")
+''')
+
+
+def test_sampler_on_8_devices_matches_single_device():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=root,
+                            timeout=600)
+    assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-4000:]
