@@ -107,5 +107,7 @@ def steps_to_target(setup, per_action: bool, target_success=0.5, max_steps=20):
 def test_per_action_rewards_beat_a_shared_outcome_reward(setup):
     per_action = steps_to_target(setup, per_action=True)
     shared = steps_to_target(setup, per_action=False)
+    # Both agents and every step ran one compiled update and one compiled logprob program.
+    assert setup[2].compilation_counts() == {"update": 1, "logprobs": 1}
     assert per_action is not None and per_action <= 15, per_action
     assert shared is None or shared > per_action, (per_action, shared)

@@ -141,10 +141,12 @@ def test_loss_gradient_matches_finite_differences(setup):
     graphdef, state, updater = setup
     _, exp = _prepared(updater, state, 3)
     # Old logprobs off the current policy, so some tokens sit in the clipped region.
-    noise = 0.3 * jnp.asarray(np.random.default_rng(0).normal(size=exp.old_logprobs.shape), jnp.float32)
-    batch = exp.replace(old_logprobs=exp.old_logprobs + noise)
+    # The KL enters as a loss term (k3) against a reference that differs from the policy.
+    noise = lambda seed: 0.3 * jnp.asarray(np.random.default_rng(seed).normal(size=exp.old_logprobs.shape), jnp.float32)
+    batch = exp.replace(old_logprobs=exp.old_logprobs + noise(0), ref_logprobs=exp.ref_logprobs + noise(1))
     counts = step_counts(batch.loss_mask)
-    loss = lambda p: updater._micro_loss(p, None, batch, counts)[0]
+    kl_updater = PolicyUpdater(graphdef, RL.replace(kl_mode="loss", kl_estimator="k3", kl_coef=0.5), updater.mesh)
+    loss = lambda p: kl_updater._micro_loss(p, None, batch, counts)[0]
     h = 1e-2
 
     @jax.jit

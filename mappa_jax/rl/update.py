@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -80,7 +81,7 @@ class PolicyUpdater:
         if exp.batch_size % self.batch_shards:
             raise ValueError(f"experience batch {exp.batch_size} is not a multiple of the "
                              f"{self.batch_shards} batch shards of the mesh")
-        return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(self.mesh, x.ndim)), exp)
+        return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, np.ndim(x))), exp)
 
     def init_state(self, trainable) -> TrainState:
         """A train state owning a sharded copy of `trainable` (the update donates it)."""
@@ -136,6 +137,14 @@ class PolicyUpdater:
             self._compiled[full_key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                                                donate_argnums=donate)
         return self._compiled[full_key]
+
+    def compilation_counts(self) -> dict[str, int]:
+        """Executables compiled so far per function ("update", "logprobs"): after warm-up with
+        bucketed shapes these stop growing, and agents of one architecture share them."""
+        counts: dict[str, int] = {}
+        for (name, _), fn in self._compiled.items():
+            counts[name] = counts.get(name, 0) + fn._cache_size()
+        return counts
 
     def logprobs(self, base, lora, exp: Experience) -> tuple[jax.Array, jax.Array]:
         """Token logprobs [B, T] of `exp.tokens` under base (+ lora), in micro-batches."""
