@@ -166,3 +166,14 @@ def test_model_trained_on_sklearn_task_files_scores_like_sklearn(tmp_path):
         skm.accuracy_score(truth, submission[files.target_column]))
     assert result.metrics["roc_auc"] == pytest.approx(skm.roc_auc_score(
         truth == "malignant", submission["proba_malignant"]))
+
+
+def test_symlinked_submission_is_refused(tmp_path):
+    """A workspace link to the hidden answers must not score as a perfect submission."""
+    from mappa_jax.data import write_sklearn_tasks
+    from mappa_jax.eval import score_submission
+    task = next(t for t in write_sklearn_tasks(tmp_path / "tasks", seed=0) if t.task_type == "classification")
+    link = tmp_path / "submission.csv"
+    link.symlink_to(task.data_science.answers_path)
+    result = score_submission(task, link)
+    assert not result.success and "symbolic link" in result.error

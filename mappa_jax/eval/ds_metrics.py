@@ -103,6 +103,10 @@ def _label_strings(values: pd.Series) -> np.ndarray:
 
 
 def _read_submission(path: pathlib.Path, id_column: str, target_column: str) -> pd.DataFrame:
+    if path.is_symlink():
+        # Model code writes the workspace: a link could point the host-side scorer at the hidden
+        # answers themselves. Only a regular file written in the workspace counts.
+        raise SubmissionError(f"{path} is a symbolic link, not a submission file")
     if not path.is_file():
         raise SubmissionError(f"no submission file at {path}")
     try:
