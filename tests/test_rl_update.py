@@ -101,7 +101,7 @@ def test_logprobs_match_unpadded_model_for_both_padding_sides(setup):
 @pytest.mark.parametrize("scope", ["agent", "global"])
 def test_prepared_advantages_match_numpy_reinforce_pp(setup, scope):
     graphdef, state, updater = setup
-    up = PolicyUpdater(graphdef, RL.replace(advantage_scope=scope), updater.mesh)
+    up = updater if scope == RL.advantage_scope else PolicyUpdater(graphdef, RL.replace(advantage_scope=scope), updater.mesh)
     ref_state = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape) * 1.0), state)
     policies = {"a": up.new_full_agent(state, reference=ref_state), "b": up.new_full_agent(state, reference=ref_state)}
     exps = {n: build_experience(random_samples(seed), length_buckets=LENGTHS, batch_buckets=ROWS)

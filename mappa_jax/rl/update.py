@@ -113,11 +113,18 @@ class PolicyUpdater:
         model = nnx.merge(self.graphdef, base)
         adapters = None if lora is None else nnx.merge(self.lora_graphdef, lora)
         logits, _ = model(tokens, positions_from_mask(attention_mask), attention_mask, lora=adapters)
-        logp_all = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / self.cfg.temperature, axis=-1)
-        logp = jnp.take_along_axis(logp_all, tokens[:, 1:, None], axis=-1)[..., 0]
-        pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
-        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1) if with_entropy else jnp.zeros_like(logp)
-        return pad(logp), pad(entropy)
+        # Position t predicts token t + 1. Work on the whole [B, T, V] logits with a logsumexp
+        # (no sliced copy, no stored log-softmax), then shift the results right by one.
+        logits = logits.astype(jnp.float32) / self.cfg.temperature
+        log_norm = jax.nn.logsumexp(logits, axis=-1)
+        next_tokens = jnp.roll(tokens, -1, axis=1)
+        logp = jnp.take_along_axis(logits, next_tokens[..., None], axis=-1)[..., 0] - log_norm
+        shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
+        if not with_entropy:
+            return shift(logp), jnp.zeros_like(logp)
+        probs = jnp.exp(logits - log_norm[..., None])
+        entropy = log_norm - jnp.sum(probs * logits, axis=-1)
+        return shift(logp), shift(entropy)
 
     def _model_params(self, trainable, frozen):
         """(base, lora) for the forward pass."""
