@@ -6,8 +6,12 @@ import pytest
 
 from mappa_jax.parallel import distributed as dist
 
-SLURM = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "gpu[007-010]",
-         "SLURM_JOB_ID": "123456"}
+# What srun gives task 3 of a 4-node step (one task per node).
+SLURM = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
+         "SLURM_JOB_NODELIST": "gpu[007-010]", "SLURM_STEP_NODELIST": "gpu[007-010]", "SLURM_JOB_ID": "123456"}
+# What the batch script itself sees: it is "process 0" of the job, but not part of any step.
+SLURM_BATCH_STEP = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "gpu[007-010]",
+                    "SLURM_JOB_ID": "123456"}
 
 
 def test_no_signals_means_a_single_process():
@@ -52,12 +56,23 @@ def test_slurm_from_environment():
     explicit_port = dist.resolve({"mode": "slurm", "coordinator_port": 5555}, env=SLURM)
     assert explicit_port.coordinator_address == "gpu007:5555"
     # one task per GPU: each process drives the device of its local rank
-    per_gpu = dist.resolve(None, env={**SLURM, "SLURM_NTASKS_PER_NODE": "8", "SLURM_LOCALID": "5"})
+    per_gpu = dist.resolve(None, env={**SLURM, "SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_LOCALID": "5"})
     assert per_gpu.local_device_ids == (5,)
 
 
+def test_slurm_auto_detection_ignores_the_batch_script_and_prefers_step_variables():
+    assert dist.resolve(None, env=SLURM_BATCH_STEP).is_single
+    # explicit slurm mode still works from job-level variables
+    assert dist.resolve({"mode": "slurm"}, env=SLURM_BATCH_STEP).num_processes == 4
+    # a 2-task step on part of the job: the step's count and first node
+    step = dist.resolve(None, env={**SLURM, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1",
+                                   "SLURM_STEP_NODELIST": "gpu[009-010]"})
+    assert (step.num_processes, step.process_id, step.coordinator_address.split(":")[0]) == (2, 1, "gpu009")
+
+
 def test_slurm_errors_name_missing_variables():
-    with pytest.raises(ValueError, match="SLURM_PROCID, SLURM_NTASKS, SLURM_JOB_NODELIST.*srun"):
+    with pytest.raises(ValueError, match="SLURM_PROCID, SLURM_STEP_NUM_TASKS or SLURM_NTASKS, "
+                                         "SLURM_STEP_NODELIST or SLURM_JOB_NODELIST.*srun"):
         dist.resolve({"mode": "slurm"}, env={})
     env = {k: v for k, v in SLURM.items() if k != "SLURM_JOB_ID"}
     with pytest.raises(ValueError, match="SLURM_JOB_ID"):

@@ -7,11 +7,11 @@ sandboxed tool run) is split with `host_shard`, and the results are exchanged wi
 
 `initialize(config)` picks how the processes find each other (`distributed.mode`):
 - "auto" (default): explicit settings (config or MAPPA_* environment) if given, else SLURM if
-  this is one task of a multi-task srun step, else a TPU VM (JAX reads the pod layout from the TPU
+  this is one task of a multi-task srun step (SLURM_STEP_NUM_TASKS > 1), else a TPU VM (JAX reads the pod layout from the TPU
   metadata), else a single process (no-op).
 - "tpu": `jax.distributed.initialize()` with no arguments (Cloud TPU pods).
-- "slurm": process id / count from SLURM_PROCID / SLURM_NTASKS, the coordinator is the first host
-  of SLURM_JOB_NODELIST at `coordinator_port` (0: derived from SLURM_JOB_ID, as JAX itself does).
+- "slurm": process id / count from SLURM_PROCID / SLURM_STEP_NUM_TASKS (or SLURM_NTASKS), the
+  coordinator is the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) at `coordinator_port` (0: derived from SLURM_JOB_ID, as JAX itself does).
 - "explicit": coordinator_address, num_processes, process_id (config keys, or the environment
   variables MAPPA_COORDINATOR_ADDRESS, MAPPA_NUM_PROCESSES, MAPPA_PROCESS_ID).
 - "none": never initialize (one process).
@@ -148,23 +148,30 @@ def _explicit(section, env) -> ClusterSpec:
     return ClusterSpec("explicit", address, count, pid, _device_ids(section.get("local_device_ids")))
 
 
+def _first(env, *names) -> str | None:
+    return next((env[n] for n in names if env.get(n)), None)
+
+
 def _slurm(section, env) -> ClusterSpec:
-    missing = [v for v in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NODELIST") if not env.get(v)
-               and not (v == "SLURM_JOB_NODELIST" and env.get("SLURM_NODELIST"))]
+    # Step-level variables (set by srun) win over job-level ones: a step may use part of the job.
+    count = _first(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+    nodelist = _first(env, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
     port = int(section.get("coordinator_port") or 0)
+    missing = [name for name, value in (("SLURM_PROCID", env.get("SLURM_PROCID")),
+                                        ("SLURM_STEP_NUM_TASKS or SLURM_NTASKS", count),
+                                        ("SLURM_STEP_NODELIST or SLURM_JOB_NODELIST", nodelist)) if not value]
     if not port and not env.get("SLURM_JOB_ID"):
         missing.append("SLURM_JOB_ID (or set distributed.coordinator_port)")
     if missing:
         raise ValueError("distributed.mode=slurm: missing environment variables " + ", ".join(missing)
                          + "; run under srun (one task per node), not directly in the batch script")
-    host = first_slurm_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
+    host = first_slurm_host(nodelist)
     port = port or slurm_port(env["SLURM_JOB_ID"])
-    count, pid = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
     devices = _device_ids(section.get("local_device_ids"))
-    per_node = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    per_node = (_first(env, "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE") or "1").split("(")[0]
     if devices is None and per_node.isdigit() and int(per_node) > 1 and env.get("SLURM_LOCALID"):
         devices = (int(env["SLURM_LOCALID"]),)  # one task per GPU: each drives its own device
-    return ClusterSpec("slurm", f"{host}:{port}", count, pid, devices)
+    return ClusterSpec("slurm", f"{host}:{port}", int(count), int(env["SLURM_PROCID"]), devices)
 
 
 def _on_tpu_vm(env) -> bool:
@@ -192,7 +199,9 @@ def resolve(config=None, env: Mapping[str, str] | None = None) -> ClusterSpec:
     # auto
     if section.get("coordinator_address") or env.get(ENV_COORDINATOR):
         return _explicit(section, env)
-    if env.get("SLURM_PROCID") and int(env.get("SLURM_NTASKS", "1")) > 1:
+    # Only inside an srun step: the batch script itself also has SLURM_PROCID=0 and SLURM_NTASKS,
+    # and treating it as one of N processes would wait for N - 1 that never come.
+    if env.get("SLURM_PROCID") and int(env.get("SLURM_STEP_NUM_TASKS") or 1) > 1:
         return _slurm(section, env)
     if _on_tpu_vm(env):
         return ClusterSpec("tpu")
