@@ -134,6 +134,15 @@ def test_a_failing_process_stops_the_cluster_quickly():
     assert "boom" in str(err.value) and "exit 3" in str(err.value)
 
 
+def test_command_line_runs_a_local_cluster(capsys):
+    from mappa_jax.parallel.distributed import main
+    code = "import os; print('id', os.environ['MAPPA_PROCESS_ID'], os.environ['JAX_NUM_CPU_DEVICES'])"
+    assert main(["--processes", "2", "--devices-per-process", "3", "--", sys.executable, "-c", code]) == 0
+    out = capsys.readouterr().out
+    assert "id 0 3" in out and "id 1 3" in out
+    assert main(["--processes", "2", "--", sys.executable, "-c", "raise SystemExit(4)"]) == 1
+
+
 def test_a_hanging_cluster_times_out():
     start = time.monotonic()
     with pytest.raises(LocalClusterError, match="timed out"):
