@@ -140,6 +140,8 @@ class Sampler:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 <= seed < 2 ** 32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
         prompts = [list(p) for p in prompts]
         for i, p in enumerate(prompts):
             if not p:
@@ -198,5 +200,9 @@ class Sampler:
         (out_tokens, out_logprobs, lengths, stopped, steps), _ = decode(
             params, lora_state, cache, logits, self._put_batch(mask[row_source]), self._put_batch(active),
             self._put_batch(row_ids), *scalars, *shared)
-        out = jax.device_get((out_tokens, out_logprobs, lengths, stopped))
+        out = (out_tokens, out_logprobs, lengths, stopped)
+        if jax.process_count() > 1:  # rows live on every host's devices: gather them everywhere
+            from jax.experimental import multihost_utils
+            out = multihost_utils.process_allgather(out, tiled=True)
+        out = jax.device_get(out)
         return (*(np.asarray(x)[:num_rows] for x in out), int(steps))
