@@ -83,10 +83,16 @@ class PolicyUpdater:
                              f"{self.batch_shards} batch shards of the mesh")
         return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, np.ndim(x))), exp)
 
+    def sharded_copy(self, params):
+        """Fresh sharded buffers holding `params` (host or device arrays); shards go straight to
+        their devices, never through one device."""
+        shardings = param_shardings(self.mesh, params)
+        placed = jax.device_put(params, shardings)
+        return jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(shardings,), out_shardings=shardings)(placed)
+
     def init_state(self, trainable) -> TrainState:
         """A train state owning a sharded copy of `trainable` (the update donates it)."""
-        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                         out_shardings=param_shardings(self.mesh, trainable))(trainable)
+        params = self.sharded_copy(trainable)
         opt_shape = jax.eval_shape(self.tx.init, params)
         opt_shardings = param_shardings(self.mesh, opt_shape)
         opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
@@ -97,7 +103,7 @@ class PolicyUpdater:
         initial params; copied because the train state is donated to the update)."""
         if self.uses_lora:
             raise ValueError("this updater trains LoRA adapters; use new_lora_agent")
-        ref = self.place_params(jax.tree.map(jnp.copy, params if reference is None else reference))
+        ref = self.sharded_copy(params if reference is None else reference)
         return AgentPolicy(self.init_state(params), None, ref)
 
     def new_lora_agent(self, base, adapters) -> AgentPolicy:
