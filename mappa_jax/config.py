@@ -123,7 +123,7 @@ def _check_keys(given, default, prefix: str) -> None:
         name = f"{prefix}{key}"
         if key not in default:
             close = difflib.get_close_matches(key, list(default.keys()), n=1)
-            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {name!r}{hint}")
         if isinstance(default[key], ml_collections.ConfigDict) and name not in _FREE_FORM:
             if not isinstance(given[key], ml_collections.ConfigDict):
