@@ -1,0 +1,337 @@
+"""The training loop end to end (mappa_jax/train.py on configs/tiny.py), through its CLI.
+
+One module-scoped pair of runs serves every test: an uninterrupted 3-step run, and the same run
+SIGKILLed during step 2 and restarted with the same command. The coach is the project's loopback
+HTTP server (mappa_jax.coach.testing) reached through the real OpenAI-compatible backend; each
+training problem carries its coach score as a `[[score:N]]` marker, so rewards differ between tasks
+and the updates move the adapters. Bad inputs are checked in-process against the finished run's
+workdir, with the model loader replaced by a tripwire: each must fail before the model loads and
+leave the checkpoints and metrics byte for byte as they were.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny.py"
+AGENTS = ("problem_solver", "code_executor", "verifier")
+STEPS = 3  # configs/tiny.py: train.steps
+# The coach score of each training problem (one epoch = STEPS batches of 2 problems).
+SCORES = (1, 9, 3, 7, 5, 8)
+EVAL_SCORE = 7  # the loopback coach's answer when a request carries no marker (the eval problems)
+RUN_TIMEOUT_S = 420  # generous: the test machine is shared with other jobs
+CREDENTIAL_ENVS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENAI_API_KEY")
+
+
+def load_tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@dataclasses.dataclass
+class RunSetup:
+    root: pathlib.Path
+    config_file: pathlib.Path
+    env: dict
+
+    def command(self, workdir: pathlib.Path, *overrides: str) -> list[str]:
+        return [sys.executable, "-m", "mappa_jax.train", "--config", str(self.config_file),
+                f"--config.workdir={workdir}", *overrides]
+
+    def start(self, workdir: pathlib.Path, log_name: str) -> subprocess.Popen:
+        log = open(self.root / log_name, "w")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen(self.command(workdir), cwd=REPO, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+    def log(self, log_name: str) -> str:
+        return (self.root / log_name).read_text()
+
+
+@pytest.fixture(scope="module")
+def coach_server():
+    from mappa_jax.coach.testing import FakeCoachServer
+    with FakeCoachServer(record_bodies=False) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, coach_server) -> RunSetup:
+    root = tmp_path_factory.mktemp("train_e2e")
+    # SmolLM2's tokenizer saved as a tokenizer directory: each run then skips parsing the GGUF.
+    from mappa_jax.models import hub, weights
+    tokenizer_dir = root / "tokenizer"
+    weights.load_tokenizer(hub.smollm2_gguf_path()).save_pretrained(tokenizer_dir)
+    (tokenizer_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+    problems = root / "problems.jsonl"
+    problems.write_text("".join(
+        json.dumps({"id": f"p{i}", "problem": f"What is {i + 2} + {3 * i + 1}? [[score:{score}]]",
+                    "answer": str(4 * i + 3)}) + "\n" for i, score in enumerate(SCORES)))
+    config_file = root / "e2e_config.py"
+    config_file.write_text(f'''"""configs/tiny.py with scored problems and the loopback coach."""
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("tiny_config", {str(TINY_CONFIG)!r})
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
+
+
+def get_config():
+    c = _tiny.get_config()
+    c.model.tokenizer = {str(tokenizer_dir)!r}
+    c.data.train = {{"source": "math_files",
+                    "files": [{{"path": {str(problems)!r}, "task_type": "arithmetic"}}]}}
+    c.coach.backend = "openai"
+    c.coach.model = "loopback-coach"
+    c.coach.openai.base_url = {coach_server.url + "/v1"!r}
+    c.coach.openai.api_key_env = ""
+    return c
+''')
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENVS and k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
+               # Later runs load the programs the first ones compiled (same executables).
+               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return RunSetup(root, config_file, env)
+
+
+def wait(process: subprocess.Popen, setup: RunSetup, log_name: str) -> None:
+    try:
+        process.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"{log_name} still running after {RUN_TIMEOUT_S}s:\n{setup.log(log_name)[-4000:]}")
+    assert process.returncode == 0, f"{log_name} exited {process.returncode}:\n{setup.log(log_name)[-4000:]}"
+
+
+@dataclasses.dataclass
+class Runs:
+    baseline: pathlib.Path
+    resumed: pathlib.Path
+    killed_log: str
+    resumed_log: str
+    steps_seen_before_kill: list[int]
+
+
+@pytest.fixture(scope="module")
+def runs(setup) -> Runs:
+    """The uninterrupted run and the killed-then-resumed one, started side by side."""
+    baseline, resumed = setup.root / "baseline", setup.root / "resumed"
+    first = setup.start(baseline, "baseline.log")
+    victim = setup.start(resumed, "killed.log")
+    try:
+        # Step 2's rollout makes its workspace root; checkpoint 1 is complete by then.
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (resumed / "workspaces" / "step1").exists():
+            if victim.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the run to kill ended or stalled before step 2:\n{setup.log('killed.log')[-4000:]}")
+            time.sleep(0.05)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    steps_before = [r["step"] for r in _rows(resumed)]
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["1"], \
+        "the kill did not land during step 2"
+    second = setup.start(resumed, "resumed.log")
+    wait(second, setup, "resumed.log")
+    wait(first, setup, "baseline.log")
+    return Runs(baseline, resumed, setup.log("killed.log"), setup.log("resumed.log"), steps_before)
+
+
+def _rows(workdir: pathlib.Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _restore(workdir: pathlib.Path, step: int) -> dict:
+    import jax
+    import orbax.checkpoint as ocp
+    tree = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "policies")
+    return {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _meta(workdir: pathlib.Path, step: int) -> dict:
+    return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+# ---- (1) kill during step 2, resume, and end with exactly the uninterrupted run's params --------
+def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(runs):
+    assert f"resumed from {runs.resumed / 'checkpoints'} at step 1" in runs.resumed_log
+    final = _restore(runs.baseline, STEPS)
+    again = _restore(runs.resumed, STEPS)
+    assert sorted(final) == sorted(again)
+    assert {name.split("']")[0].strip("['") for name in final} == set(AGENTS)
+    differing = [name for name in final if not np.array_equal(final[name], again[name])]
+    assert not differing, f"{len(differing)} of {len(final)} leaves differ after resume, e.g. {differing[:3]}"
+    # Not vacuous: every policy's adapters moved away from step 1, and LoRA B left its zero init.
+    after_one = _restore(runs.baseline, 1)
+    for agent in AGENTS:
+        params = [n for n in final if n.startswith(f"['{agent}']['params']")]
+        assert params and all(not np.array_equal(final[n], after_one[n]) for n in params), agent
+        assert any(np.abs(final[n]).max() > 0 for n in params if "_b'" in n), agent
+    assert _meta(runs.baseline, STEPS)["data"] == _meta(runs.resumed, STEPS)["data"]
+
+
+def test_resumed_steps_reproduce_the_uninterrupted_metrics(runs):
+    deterministic = ("reward/", "length/", "behaviour/", "actions/", "outcome", "rl/")
+    for a, b in zip(_rows(runs.baseline), _rows(runs.resumed)):
+        assert a["step"] == b["step"]
+        picked = lambda row: {k: v for k, v in row.items() if k.startswith(deterministic)}
+        assert picked(a) == picked(b), f"step {a['step']}"
+
+
+# ---- (3) metrics -----------------------------------------------------------------------------
+def test_metrics_rows_hold_per_agent_reward_length_tool_use_and_timing(runs):
+    rows = _rows(runs.baseline)
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))
+    for row in rows[1:]:
+        for agent in AGENTS:
+            assert 0.0 <= row[f"reward/agent/{agent}"] <= 1.0
+            assert 1 <= row[f"length/agent/{agent}"] <= 16  # max_new_tokens in configs/tiny.py
+        assert 0.0 <= row["behaviour/tool_use/code_executor"] <= 1.0
+        for key in ("time/step_s", "time/rollout_s", "time/update_s", "time/coach_wait_s"):
+            assert row[key] >= 0.0, key
+        assert row["time/step_s"] >= row["time/update_s"]
+        assert row["actions/problem_solver/trained"] >= 1  # early stops give real training rows
+    # The coach's scores come back as rewards: one epoch visits every problem once, 2 samples each.
+    assert all(r["behaviour/coach_fallback"] == 0.0 for r in rows[1:])
+    for agent in ("problem_solver", "verifier"):
+        per_step = [r[f"reward/agent/{agent}"] for r in rows[1:]]
+        assert all(any(np.isclose(v, (a + b) / 20) for i, a in enumerate(SCORES) for b in SCORES[i + 1:])
+                   for v in per_step), per_step
+        assert np.isclose(2 * sum(per_step), sum(SCORES) / 10)
+    for row in (rows[0], rows[-1]):  # held-out evaluation before and after training
+        assert "eval/accuracy" in row and row["eval/time_s"] > 0
+        for agent in AGENTS:
+            assert row[f"eval/reward/agent/{agent}"] == pytest.approx(EVAL_SCORE / 10)
+
+
+def test_curves_and_summary_are_written(runs):
+    png = (runs.baseline / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    summary = json.loads((runs.baseline / "summary.json").read_text())
+    assert summary["steps"] == STEPS and "eval/accuracy" in summary["before"]
+
+
+def test_resume_does_not_duplicate_metric_rows(runs):
+    assert runs.steps_seen_before_kill[:2] == [0, 1]  # what the killed run had logged
+    steps = [r["step"] for r in _rows(runs.resumed)]
+    assert steps == list(range(STEPS + 1))
+    assert (runs.resumed / "curves.png").exists()
+
+
+# ---- (2) bad inputs: a clear error before the model loads, nothing already written touched -----
+def _snapshot(workdir: pathlib.Path) -> dict[str, str]:
+    files = [p for p in (workdir / "checkpoints").rglob("*") if p.is_file()]
+    files += [workdir / name for name in ("metrics.jsonl", "summary.json", "curves.png")]
+    return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture
+def trainer_without_model(monkeypatch):
+    """Trainer whose model loader fails the test: errors must come before the expensive part."""
+    from mappa_jax import train
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the model started loading before the bad input was reported")
+
+    monkeypatch.setattr(train, "load_model", tripwire)
+    for name in CREDENTIAL_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    return train.Trainer
+
+
+def _bad_run(trainer_cls, runs, edit, error, match):
+    config = load_tiny_config()
+    config.workdir = str(runs.baseline)
+    edit(config)
+    before = _snapshot(runs.baseline)
+    with pytest.raises(error, match=match):
+        trainer_cls(config)
+    assert _snapshot(runs.baseline) == before
+
+
+def test_unknown_config_key_is_named(trainer_without_model, runs):
+    from mappa_jax.config import ConfigError
+
+    def edit(c):
+        c.train.stepz = 3
+    _bad_run(trainer_without_model, runs, edit, ConfigError, r"unknown config key 'train\.stepz'.*train\.steps")
+
+
+@pytest.mark.parametrize("override, named", [("--config.foo=1", "foo"),
+                                             ("--config.train.stepz=1", "train.stepz")])
+def test_unknown_command_line_key_is_named(setup, runs, override, named):
+    before = _snapshot(runs.baseline)
+    result = subprocess.run(setup.command(runs.baseline, override), cwd=REPO, env=setup.env,
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode != 0
+    assert f"unknown config key '{named}'" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert _snapshot(runs.baseline) == before
+
+
+def test_missing_data_file_is_named(trainer_without_model, runs, tmp_path):
+    from mappa_jax.data import DataError
+    missing = tmp_path / "no_such_problems.jsonl"
+
+    def edit(c):
+        c.data.train = {"source": "math_files", "files": [{"path": str(missing), "task_type": "aime"}]}
+    _bad_run(trainer_without_model, runs, edit, DataError, f"not found: {missing}")
+
+
+def test_empty_dataset_is_named(trainer_without_model, runs, tmp_path):
+    from mappa_jax.data import DataError
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+
+    def edit(c):
+        c.data.train = {"source": "math_files", "files": [{"path": str(empty), "task_type": "aime"}]}
+    _bad_run(trainer_without_model, runs, edit, DataError, f"{empty}: no problems")
+
+
+def test_eval_train_overlap_is_refused(trainer_without_model, runs):
+    from mappa_jax.data import DataError
+
+    def edit(c):
+        c.data.eval = dict(c.data.train)
+    _bad_run(trainer_without_model, runs, edit, DataError, r"evaluation task\(s\) also appear in the training")
+
+
+def test_missing_coach_credentials_are_named(trainer_without_model, runs):
+    def edit(c):
+        c.coach.backend = "gemini"
+        c.coach.model = "gemini-2.5-flash"
+    from mappa_jax.coach import CoachCredentialsError
+    _bad_run(trainer_without_model, runs, edit, CoachCredentialsError, "GEMINI_API_KEY")
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+def test_unwritable_workdir_is_named(trainer_without_model, tmp_path, where):
+    from mappa_jax.config import ConfigError
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    workdir = blocker / "run" if where == "under_a_file" else blocker
+    config = load_tiny_config()
+    config.workdir = str(workdir)
+    with pytest.raises(ConfigError, match=f"config key 'workdir': {workdir} is not writable"):
+        trainer_without_model(config)
+    assert blocker.read_text() == "not a directory"
