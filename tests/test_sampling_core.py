@@ -109,6 +109,9 @@ def test_lora_adapters_change_the_policy_and_logprobs_follow(tiny):
     base = sampler.generate(state, PROMPTS, max_new_tokens=12, temperature=0.0, stop_token_ids=[])
     adapted = sampler.generate(state, PROMPTS, max_new_tokens=12, temperature=0.0, stop_token_ids=[], lora=lora)
     assert base.sequences() != adapted.sequences()
+    as_pair = sampler.generate(state, PROMPTS, max_new_tokens=12, temperature=0.0, stop_token_ids=[],
+                               lora=nnx.split(lora))
+    assert as_pair.sequences() == adapted.sequences()
     for row, seq in enumerate(adapted.sequences()):
         np.testing.assert_allclose(adapted.logprobs[row, :len(seq)],
                                    full_logprobs(cfg, state, PROMPTS[row], seq, lora=lora), atol=1e-4)

@@ -48,9 +48,11 @@ class SampleOutput:
 
 
 def _as_state(obj):
-    """(graphdef or None, state) from an nnx.Module or an nnx.State / pytree of arrays."""
+    """(graphdef or None, state) from an nnx.Module, a (graphdef, state) pair, or a bare state."""
     if isinstance(obj, nnx.Module):
         return nnx.split(obj)
+    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], nnx.GraphDef):
+        return obj
     return None, obj
 
 
@@ -126,8 +128,9 @@ class Sampler:
                  lora=None) -> SampleOutput:
         """Samples n continuations of every prompt (lists of token ids).
 
-        params: the decoder's nnx.State (or the Decoder itself); lora: LoraAdapters (module) or
-        None for the base model. temperature 0 is greedy; top_k <= 0 / top_p >= 1 disable those
+        params: the decoder's nnx.State (or the Decoder itself); on a mesh, pass it already placed
+        with `mappa_jax.parallel.shard_state` (else it is re-placed every call). lora: LoraAdapters,
+        or its nnx.split (graphdef, state), or None for the base model (= the reference policy). temperature 0 is greedy; top_k <= 0 / top_p >= 1 disable those
         filters. stop_token_ids defaults to the model's EOS ids; stop_strings are strings or tuples
         of strings matched in order (see `mappa_jax.sampling.stops`). Same seed, same tokens.
         """
@@ -156,7 +159,8 @@ class Sampler:
         _, params = _as_state(params)
         lora_graphdef, lora_state = _as_state(lora) if lora is not None else (None, None)
         if lora is not None and lora_graphdef is None:
-            raise ValueError("lora must be a LoraAdapters module (its graph carries targets and scale)")
+            raise ValueError("lora must be a LoraAdapters module or its (graphdef, state) pair from nnx.split "
+                             "(the graph carries the targets and scale)")
         prefill, decode = self._programs_for(lora_graphdef)
         params, lora_state = self._put_params(params), self._put_params(lora_state)
 
