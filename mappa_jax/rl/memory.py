@@ -109,7 +109,3 @@ def memory_table(cfg: ModelConfig | None = None, num_agents: int = 3, hardware=H
 
 def print_memory_table(cfg: ModelConfig | None = None, num_agents: int = 3, **kwargs) -> None:
     print(memory_table(cfg, num_agents, **kwargs))
-
-
-if __name__ == "__main__":
-    print_memory_table()
