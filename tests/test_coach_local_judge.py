@@ -34,10 +34,18 @@ def _chat(question):
   return [{"role": "system", "content": "You are a judge."}, {"role": "user", "content": question}]
 
 
-def test_concurrent_requests_share_one_sampler_call_and_get_their_own_answer(tiny_judge):
+def test_concurrent_requests_share_one_sampler_call_and_get_their_own_answer(tiny_judge, monkeypatch):
   judge = tiny_judge
   questions = ["Is 2 + 2 = 4?", "Score this proof of the Pythagorean theorem.", "Hi"]
-  ticks = []
+  ticks, sampling = [], []
+  real_generate = judge.sampler.generate
+
+  def timed_generate(*args, **kwargs):  # when the worker thread was inside the sampler
+    start = time.perf_counter()
+    out = real_generate(*args, **kwargs)
+    sampling.append((start, time.perf_counter()))
+    return out
+  monkeypatch.setattr(judge.sampler, "generate", timed_generate)
 
   async def ticker(stop):
     while not stop.is_set():
@@ -47,18 +55,18 @@ def test_concurrent_requests_share_one_sampler_call_and_get_their_own_answer(tin
   async def go():
     stop = asyncio.Event()
     tick_task = asyncio.create_task(ticker(stop))
-    start = time.perf_counter()
     answers = await asyncio.gather(*(judge.generate_messages(_chat(q)) for q in questions))
-    end = time.perf_counter()
     stop.set()
     await tick_task
-    return answers, start, end
+    return answers
 
   before = len(judge.batch_sizes)
-  answers, start, end = asyncio.run(go())
-  assert judge.batch_sizes[before:] == [3]
-  # The event loop kept running while the worker thread compiled and sampled (a blocking call
-  # would leave at most one tick inside the window).
+  answers = asyncio.run(go())
+  monkeypatch.undo()
+  assert judge.batch_sizes[before:] == [3] and len(sampling) == 1
+  # The event loop kept ticking while the worker thread compiled and sampled (a call blocking the
+  # loop would leave no tick inside that interval).
+  start, end = sampling[0]
   assert sum(start < t < end for t in ticks) >= 3
   # Each request gets the greedy decode of its own chat-templated prompt, as if sampled alone.
   for question, answer in zip(questions, answers):
