@@ -114,7 +114,8 @@ def test_local_judge_parses_process_score_and_repairs_once():
   assert client.metrics()["repairs"] == 2
   with pytest.raises(TypeError, match="LocalGenerator"):
     LocalJudgeBackend(object(), model="x")
-  with pytest.raises(CoachConfigError, match="local_generator"):
+  config.local.source = "/nonexistent/judge.gguf"
+  with pytest.raises(CoachConfigError, match=r"coach\.local\.source"):
     make_coach(config)
 
 
