@@ -67,8 +67,8 @@ def test_sampler_policy_returns_the_samplers_tokens(tokenizer, tiny):
             assert gen.text == tokenizer.decode(list(gen.token_ids), skip_special_tokens=True)
             assert all(lp <= 0.0 for lp in gen.logprobs)
     # Samples of one prompt differ (distinct rows), and a seed reproduces them.
-    first = asyncio.run(policy.generate("solver", [p1, p1], 16, (), 1.0, 3))
-    again = asyncio.run(policy.generate("solver", [p1, p1], 16, (), 1.0, 3))
+    first = asyncio.run(policy.generate("solver", [p1, p1], 16, stops, 1.0, 3))
+    again = asyncio.run(policy.generate("solver", [p1, p1], 16, stops, 1.0, 3))
     assert first == again and first[0].token_ids != first[1].token_ids
     with pytest.raises(KeyError, match="no weights for policy 'verifier'"):
         asyncio.run(policy.generate("verifier", [p1], 16, (), 1.0, 0))
