@@ -39,7 +39,8 @@ setup(
     extras_require={
         # transformers' PyTorch models are the independent reference in parity tests; pin the
         # CPU wheel (a looser spec pulls a multi-GB CUDA build).
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "accelerate>=1.0", "nbformat>=5.10",
+                 "scipy>=1.11"],
         "wandb": ["wandb>=0.18"],
     },
     entry_points={
