@@ -12,6 +12,7 @@ from mappa_jax.coach.cache import VerdictCache, cache_key
 from mappa_jax.coach.client import CoachClient, RetryPolicy
 from mappa_jax.coach.config import coach_config, make_coach, validate, wants_ground_truth
 from mappa_jax.coach.prompts import SCORE_SCHEMA, Prompt, build_prompt
+from mappa_jax.coach.sampler_judge import SamplerJudge
 from mappa_jax.coach.types import (FALLBACK_REASONS, CoachConfigError, CoachCredentialsError,
                                    CoachError, CoachRequest, Verdict)
 
