@@ -36,6 +36,17 @@ SHARDED_FORWARD = textwrap.dedent("""
         sharded_state, jax.device_put(tokens, batch), jax.device_put(mask, batch))
     diff = float(jnp.max(jnp.abs(out - reference)))
     assert diff <= 1e-5, diff
+    # Import straight onto the mesh: every device gets only its shard of each parameter.
+    import sys, tempfile
+    from mappa_jax.models import weights
+    with tempfile.TemporaryDirectory() as tmp:
+        weights.save_hf(cfg, state, tmp)
+        _, loaded = weights.load_hf(tmp, lambda s: parallel.param_shardings(mesh, s))
+    q = loaded["q_proj"][...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (2, 32, 32)  # [L, H/fsdp, (heads*dim)/tensor]
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(loaded)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
     print("max abs diff", diff)
 """)
 
