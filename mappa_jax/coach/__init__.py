@@ -19,7 +19,7 @@ from mappa_jax.coach.types import (FALLBACK_REASONS, CoachConfigError, CoachCred
 __all__ = [
     "CoachClient", "CoachConfigError", "CoachCredentialsError", "CoachError", "CoachRequest",
     "FALLBACK_REASONS", "GeminiBackend", "LocalGenerator", "LocalJudgeBackend",
-    "OpenAICompatBackend", "Prompt", "RetryPolicy", "RuleBasedBackend", "SCORE_SCHEMA",
+    "OpenAICompatBackend", "Prompt", "RetryPolicy", "RuleBasedBackend", "SCORE_SCHEMA", "SamplerJudge",
     "Verdict", "VerdictCache", "build_prompt", "cache_key", "coach_config", "make_coach",
     "validate", "wants_ground_truth",
 ]

@@ -30,32 +30,32 @@ OUTPUT_FORMATS = ("json", "text")
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-  """A chat prompt: a system message and alternating user/assistant turns.
+    """A chat prompt: a system message and alternating user/assistant turns.
 
-  `request` travels along for backends that judge from facts (rule-based); it is not prompt text and
-  is excluded from `cache_text()`, so the ids inside it never reach the cache key.
-  """
-  system: str
-  turns: tuple[tuple[str, str], ...]  # (role in {"user", "assistant"}, text)
-  output_format: str = "json"
-  request: CoachRequest | None = dataclasses.field(default=None, compare=False)
+    `request` travels along for backends that judge from facts (rule-based); it is not prompt text and
+    is excluded from `cache_text()`, so the ids inside it never reach the cache key.
+    """
+    system: str
+    turns: tuple[tuple[str, str], ...]  # (role in {"user", "assistant"}, text)
+    output_format: str = "json"
+    request: CoachRequest | None = dataclasses.field(default=None, compare=False)
 
-  def cache_text(self) -> str:
-    return json.dumps({"system": self.system, "turns": self.turns, "format": self.output_format},
-                      sort_keys=True, ensure_ascii=False)
+    def cache_text(self) -> str:
+        return json.dumps({"system": self.system, "turns": self.turns, "format": self.output_format},
+                          sort_keys=True, ensure_ascii=False)
 
-  def flat_text(self) -> str:
-    """One string for plain text-completion generators (local judge)."""
-    parts = [f"[system]\n{self.system}"]
-    parts += [f"[{role}]\n{text}" for role, text in self.turns]
-    parts.append("[assistant]\n")
-    return "\n\n".join(parts)
+    def flat_text(self) -> str:
+        """One string for plain text-completion generators (local judge)."""
+        parts = [f"[system]\n{self.system}"]
+        parts += [f"[{role}]\n{text}" for role, text in self.turns]
+        parts.append("[assistant]\n")
+        return "\n\n".join(parts)
 
-  def with_repair(self, bad_answer: str, problem: str) -> "Prompt":
-    """The same conversation plus the bad answer and a correction request (format-repair retry)."""
-    fix = (f"Your previous answer could not be used: {problem}. Judge the same action again and "
-           f"answer ONLY in the required format. {_format_instructions(self.output_format)}")
-    return dataclasses.replace(self, turns=self.turns + (("assistant", bad_answer), ("user", fix)))
+    def with_repair(self, bad_answer: str, problem: str) -> "Prompt":
+        """The same conversation plus the bad answer and a correction request (format-repair retry)."""
+        fix = (f"Your previous answer could not be used: {problem}. Judge the same action again and "
+               f"answer ONLY in the required format. {_format_instructions(self.output_format)}")
+        return dataclasses.replace(self, turns=self.turns + (("assistant", bad_answer), ("user", fix)))
 
 
 _COMMON_SYSTEM = """\
@@ -112,57 +112,57 @@ Score how well this action fulfils the agent's instructions below, using the evi
 
 
 def known_roles(pipeline: str) -> list[str]:
-  return [role for (p, role) in _ROLE_RUBRICS if p == pipeline]
+    return [role for (p, role) in _ROLE_RUBRICS if p == pipeline]
 
 
 def role_rubric(pipeline: str, role: str) -> str:
-  """The rubric for a role; roles without one (custom topologies) get a generic rubric."""
-  return _ROLE_RUBRICS.get((pipeline, role), _GENERIC_RUBRIC)
+    """The rubric for a role; roles without one (custom topologies) get a generic rubric."""
+    return _ROLE_RUBRICS.get((pipeline, role), _GENERIC_RUBRIC)
 
 
 def _format_instructions(output_format: str) -> str:
-  if output_format == "json":
-    return ('Reply with a JSON object {"reasoning": <short analysis>, "score": <integer 0-10>, '
-            '"correct": <true/false if a ground truth was given, else null>} and nothing else.')
-  return ("Write a short analysis, then end with a line exactly of the form `PROCESS_SCORE: <integer "
-          "0-10>`. If a ground truth was given, add a line `CORRECT: yes` or `CORRECT: no`.")
+    if output_format == "json":
+        return ('Reply with a JSON object {"reasoning": <short analysis>, "score": <integer 0-10>, '
+                '"correct": <true/false if a ground truth was given, else null>} and nothing else.')
+    return ("Write a short analysis, then end with a line exactly of the form `PROCESS_SCORE: <integer "
+            "0-10>`. If a ground truth was given, add a line `CORRECT: yes` or `CORRECT: no`.")
 
 
 def truncate_middle(text: str, limit: int) -> str:
-  """Keep the head and the tail: the command echo starts the output, the error ends it."""
-  if limit <= 0 or len(text) <= limit:
-    return text
-  head = limit // 2
-  tail = limit - head
-  return f"{text[:head]}\n...[{len(text) - limit} characters truncated]...\n{text[-tail:]}"
+    """Keep the head and the tail: the command echo starts the output, the error ends it."""
+    if limit <= 0 or len(text) <= limit:
+        return text
+    head = limit // 2
+    tail = limit - head
+    return f"{text[:head]}\n...[{len(text) - limit} characters truncated]...\n{text[-tail:]}"
 
 
 def build_prompt(request: CoachRequest, *, output_format: str = "json",
                  tool_output_chars: int = 4000, agent_input_chars: int = 24000) -> Prompt:
-  """Render a request into the coach conversation. Pure: same request and settings, same prompt."""
-  if output_format not in OUTPUT_FORMATS:
-    raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
-  r = request
-  sections = [
-      f"## Pipeline\n{r.pipeline}",
-      f"## Task\n{r.task}",
-      f"## Agent being judged\nrole: {r.role}\n\ninstructions given to the agent:\n"
-      f"{r.role_instructions or '(none)'}",
-      f"## Rubric for this role\n{role_rubric(r.pipeline, r.role)}",
-      f"## What the agent saw (its input)\n{truncate_middle(r.agent_input, agent_input_chars)}",
-      f"## What the agent produced (its output)\n{r.agent_output}",
-      f"## Tool output (stdout / stderr / errors)\n"
-      f"{truncate_middle(r.tool_output, tool_output_chars) if r.tool_output else '(no tool output)'}",
-  ]
-  if r.pipeline == "datascience" or r.files_present or r.files_created:
-    sections.append("## Workspace files\npresent: " + (", ".join(r.files_present) or "(none)") +
-                    "\ncreated by this action: " + (", ".join(r.files_created) or "(none)"))
-  if r.harness_metrics:
-    metrics = json.dumps(dict(r.harness_metrics), sort_keys=True, default=str)
-    sections.append(f"## Harness metrics of the submission\n{metrics}")
-  if r.ground_truth is not None:
-    sections.append(f"## Ground truth (reference answer)\n{r.ground_truth}\n"
-                    "Also report whether the agent's final answer matches it.")
-  sections.append(f"## Your answer\n{_format_instructions(output_format)}")
-  return Prompt(system=_COMMON_SYSTEM, turns=(("user", "\n\n".join(sections)),),
-                output_format=output_format, request=request)
+    """Render a request into the coach conversation. Pure: same request and settings, same prompt."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    r = request
+    sections = [
+        f"## Pipeline\n{r.pipeline}",
+        f"## Task\n{r.task}",
+        f"## Agent being judged\nrole: {r.role}\n\ninstructions given to the agent:\n"
+        f"{r.role_instructions or '(none)'}",
+        f"## Rubric for this role\n{role_rubric(r.pipeline, r.role)}",
+        f"## What the agent saw (its input)\n{truncate_middle(r.agent_input, agent_input_chars)}",
+        f"## What the agent produced (its output)\n{r.agent_output}",
+        f"## Tool output (stdout / stderr / errors)\n"
+        f"{truncate_middle(r.tool_output, tool_output_chars) if r.tool_output else '(no tool output)'}",
+    ]
+    if r.pipeline == "datascience" or r.files_present or r.files_created:
+        sections.append("## Workspace files\npresent: " + (", ".join(r.files_present) or "(none)") +
+                        "\ncreated by this action: " + (", ".join(r.files_created) or "(none)"))
+    if r.harness_metrics:
+        metrics = json.dumps(dict(r.harness_metrics), sort_keys=True, default=str)
+        sections.append(f"## Harness metrics of the submission\n{metrics}")
+    if r.ground_truth is not None:
+        sections.append(f"## Ground truth (reference answer)\n{r.ground_truth}\n"
+                        "Also report whether the agent's final answer matches it.")
+    sections.append(f"## Your answer\n{_format_instructions(output_format)}")
+    return Prompt(system=_COMMON_SYSTEM, turns=(("user", "\n\n".join(sections)),),
+                  output_format=output_format, request=request)

@@ -21,18 +21,18 @@ REDACTED = "[REDACTED]"
 
 
 def register_secret(value: str | None) -> None:
-  """Remember a secret so that `redact` removes it (short values are ignored: too collision-prone)."""
-  if value and len(value) >= 6:
-    with _lock:
-      _secrets.add(value)
+    """Remember a secret so that `redact` removes it (short values are ignored: too collision-prone)."""
+    if value and len(value) >= 6:
+        with _lock:
+            _secrets.add(value)
 
 
 def redact(text: object) -> str:
-  out = str(text)
-  with _lock:
-    secrets = sorted(_secrets, key=len, reverse=True)
-  for secret in secrets:
-    out = out.replace(secret, REDACTED)
-  for pattern in _PATTERNS:
-    out = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, out)
-  return out
+    out = str(text)
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)
+    for secret in secrets:
+        out = out.replace(secret, REDACTED)
+    for pattern in _PATTERNS:
+        out = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, out)
+    return out
