@@ -117,7 +117,8 @@ def main():
     if not args.skip_torch:
         hf = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(**cfg.to_hf_dict()), dtype=torch.float32).eval()
-        hf.load_state_dict({k: torch.from_numpy(v) for k, v in weights.hf_tensors(cfg, state).items()}, strict=False)
+        hf.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.hf_tensors(cfg, state).items()},
+                           strict=False)
     for batch in args.batches:
         prompts = make_prompts(tokenizer, batch, args.prompt_tokens)
         ours, compile_s, seconds = bench_ours(sampler, state, prompts, args.new_tokens, args.repeats)
