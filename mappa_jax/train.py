@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import pathlib
+import pickle
+import tempfile
 import time
 from typing import Any
 
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from mappa_jax import parallel
@@ -80,10 +85,20 @@ def _resolve_source(source: str) -> str:
     return str(hub.resolve_model_dir(source))
 
 
+def local_workdir(workdir: str) -> pathlib.Path:
+    """Where the host-local outputs go (metrics, plots, TFDS data, episode workspaces): the workdir
+    itself, or for a remote one (gs://bucket/run) /tmp/mappa_jax/gs/bucket/run; only the checkpoints
+    are written to the remote workdir (through etils.epath, as orbax does)."""
+    if "://" not in workdir:
+        return pathlib.Path(workdir)
+    scheme, rest = workdir.split("://", 1)
+    return pathlib.Path(tempfile.gettempdir()) / "mappa_jax" / scheme / rest.strip("/")
+
+
 def _check_workdir(workdir: pathlib.Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_probe"
+        probe = workdir / f".write_probe.{os.getpid()}"  # per process: hosts may share the workdir
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -108,12 +123,34 @@ def _rl_config(config, topology, data_shards: int) -> RLConfig:
     return cfg
 
 
+class ReportingPolicy:
+    """A Policy that prints one line per batched generate call, so a long rollout shows progress."""
+
+    def __init__(self, inner, enabled: bool):
+        self.inner, self.enabled = inner, enabled
+
+    @property
+    def max_prompt_tokens(self):
+        return self.inner.max_prompt_tokens
+
+    async def generate(self, policy_name, prompts, max_new_tokens, stop_strings, temperature, seed):
+        start = time.perf_counter()
+        out = await self.inner.generate(policy_name, prompts, max_new_tokens, stop_strings, temperature, seed)
+        seconds = time.perf_counter() - start
+        if self.enabled:
+            tokens = sum(len(g.token_ids) for g in out)
+            print(f"  {policy_name}: {len(prompts)} prompts, {tokens} tokens in {seconds:.1f} s "
+                  f"({tokens / max(seconds, 1e-9):.0f} tokens/s)", flush=True)
+        return out
+
+
 # ---- the trainer ----------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict):
         validate(config)
         self.config = config
-        self.workdir = pathlib.Path(config.workdir)
+        self.workdir = local_workdir(config.workdir)
+        self.checkpoint_dir = epath.Path(config.workdir) / "checkpoints"  # gs:// stays gs://
         _check_workdir(self.workdir)
         distributed.initialize(config)
         self.is_main = jax.process_index() == 0
@@ -125,8 +162,8 @@ class Trainer:
         self.coach = make_coach(config.coach)
         self.coach.check_credentials()
         data_dir = pathlib.Path(config.data.dir or self.workdir / "data")
-        self.train_tasks = task_source(builder_from_spec(config.data.train, data_dir))
-        self.eval_tasks = list(task_source(builder_from_spec(config.data.eval, data_dir)))
+        self.train_tasks, eval_tasks = _open_task_data((config.data.train, config.data.eval), data_dir)
+        self.eval_tasks = list(eval_tasks)
         check_no_overlap(list(self.train_tasks), self.eval_tasks)
         self.pipeline = TaskPipeline(self.train_tasks, config.train.tasks_per_step, seed=config.seed,
                                      stratify=config.data.stratify)
@@ -156,7 +193,7 @@ class Trainer:
 
         self.step = 0
         self.baseline_eval: dict[str, float] = {}
-        self.checkpointer = RunCheckpointer(self.workdir / "checkpoints", config.train.keep_checkpoints)
+        self.checkpointer = RunCheckpointer(self.checkpoint_dir, config.train.keep_checkpoints)
         self.metrics = MetricsWriter(self.workdir, tensorboard=config.logging.tensorboard,
                                      wandb_project=config.logging.wandb_project,
                                      run_name=config.run_name or self.workdir.name,
@@ -200,9 +237,12 @@ class Trainer:
         self.coach.import_cache(decode_bytes(meta["coach_cache"]))
         self.baseline_eval = meta.get("baseline_eval", {})
         self.metrics.truncate_after(self.step)
-        self._log(f"resumed from {self.workdir / 'checkpoints'} at step {self.step}")
+        self._log(f"resumed from {self.checkpoint_dir} at step {self.step}")
 
     def save_checkpoint(self) -> None:
+        if distributed.process_count() > 1:  # each host judged its share: checkpoint every verdict
+            for blob in distributed.gather_from_hosts([self.coach.export_cache()]):
+                self.coach.import_cache(blob)
         meta = {"step": self.step, "data": self.pipeline.get_state(),
                 "coach_cache": encode_bytes(self.coach.export_cache()), "baseline_eval": self.baseline_eval,
                 "seed": self.config.seed}
@@ -217,8 +257,12 @@ class Trainer:
         handoff = CoachHandoff(self.coach, topology, tasks, ground_truth_roles=tuple(c.coach.ground_truth_roles),
                                submission_metrics=lambda task, path: score_submission(task, path).metrics)
         tag = f"eval{step}" if evaluation else f"step{step}"
-        runner = EpisodeRunner(topology, self.policy, self.chat, sandbox=self.sandbox,
-                               workspace_root=self.workdir / "workspaces" / tag, on_action=handoff,
+        hosts = distributed.process_count()
+        workspaces = self.workdir / "workspaces" / (f"host{jax.process_index()}" if hosts > 1 else "") / tag
+        on_action = handoff if hosts == 1 else _OwnedActions(handoff, _episode_ids(tasks, samples, f"{tag}/"))
+        policy = ReportingPolicy(self.policy, self.is_main and c.logging.progress)
+        runner = EpisodeRunner(topology, policy, self.chat, sandbox=self.sandbox,
+                               workspace_root=workspaces, on_action=on_action,
                                episode_timeout_s=c.train.episode_timeout_s)
         seed = (c.seed * 1_000_003 + step * 2 + int(evaluation)) % (2 ** 31)
 
@@ -230,7 +274,34 @@ class Trainer:
             return result, verdicts, rollout_s, time.perf_counter() - start - rollout_s
 
         result, verdicts, rollout_s, coach_wait_s = asyncio.run(run())
-        return result, verdicts, {"time/rollout_s": rollout_s, "time/coach_wait_s": coach_wait_s}
+        timing = {"time/rollout_s": rollout_s, "time/coach_wait_s": coach_wait_s}
+        if hosts == 1:
+            return result, verdicts, None, timing
+        return (*self._merge_hosts(tasks, result, verdicts, on_action.digests), timing)
+
+    def _merge_hosts(self, tasks, result, verdicts, digests):
+        """Multi-host: every host ran every episode (each feeds its own devices in every sampler
+        call), but process 0's episodes and outcomes are what every host trains on, so a tool run
+        that went differently on one host (e.g. a timeout under load) cannot make the updates
+        differ. Each action was judged once, by its episode's owner host; the verdicts are
+        exchanged, and one judged on an action that differs from process 0's counts as a failed
+        judgement (masked). Collectives, in the same order on every host."""
+        by_id = {t.task_id: t for t in tasks}
+        outcomes = {e.episode_id: self.outcome(by_id[e.task_id], e) for e in result.episodes}
+        result.remove_workspaces()  # submissions are scored; the paths mean nothing on other hosts
+        result, outcomes = distributed.broadcast_from_host0((result, outcomes))
+        judged = {key: (verdict, digest) for key, verdict, digest in distributed.gather_from_hosts(
+            [(key, verdict, digests[key]) for key, verdict in verdicts.items()])}
+        merged = {}
+        for action in (a for e in result.episodes for a in e.actions):
+            key = (action.episode_id, action.agent, action.turn)
+            if key in judged:
+                verdict, digest = judged[key]
+                if digest != _action_digest(action):
+                    verdict = dataclasses.replace(verdict, status="fallback", score=None, reward=None,
+                                                  fallback_reason="host_divergence")
+                merged[key] = verdict
+        return result, merged, outcomes
 
     def outcome(self, task, episode) -> float:
         """1.0 when the episode's deliverable is right (rule-based), else 0.0; failures count as 0."""
@@ -242,15 +313,16 @@ class Trainer:
             return 0.0
         return float(score_submission(task, episode.submission_path).success)
 
-    def episode_stats(self, tasks, result, verdicts, prefix: str) -> tuple[dict, list]:
-        """Per-agent / per-task-type rewards and behaviour metrics, and each action's reward."""
+    def episode_stats(self, tasks, result, verdicts, prefix: str, outcomes=None) -> tuple[dict, list]:
+        """Per-agent / per-task-type rewards and behaviour metrics, and each action's reward.
+        outcomes: episode_id -> outcome when computed already (multi-host: by process 0)."""
         by_id = {t.task_id: t for t in tasks}
         sums = collections.defaultdict(list)
         rewarded = []
         process_w, outcome_w = self.config.reward.process_weight, self.config.reward.outcome_weight
         for episode in result.episodes:
             task = by_id[episode.task_id]
-            outcome = self.outcome(task, episode)
+            outcome = outcomes[episode.episode_id] if outcomes is not None else self.outcome(task, episode)
             sums[f"{prefix}outcome"].append(outcome)
             sums[f"{prefix}behaviour/episode_failed"].append(float(episode.failed))
             for action in episode.actions:
@@ -276,8 +348,8 @@ class Trainer:
         c = self.config
         t0 = time.perf_counter()
         tasks = next(self.pipeline)
-        result, verdicts, timing = self.rollout(tasks, self.step)
-        stats, rewarded = self.episode_stats(tasks, result, verdicts, prefix="")
+        result, verdicts, outcomes, timing = self.rollout(tasks, self.step)
+        stats, rewarded = self.episode_stats(tasks, result, verdicts, prefix="", outcomes=outcomes)
         group_of = {t.task_id: i for i, t in enumerate(tasks)}
         samples = collections.defaultdict(list)
         for action, reward, episode in rewarded:
@@ -295,14 +367,28 @@ class Trainer:
         result.remove_workspaces()
         update_s = time.perf_counter() - t_update
         counts = {f"actions/{name}/{k}": v for name, rows in samples.items() for k, v in sample_counts(rows).items()}
-        coach = {f"coach/{k}": v for k, v in self.coach.metrics().items() if isinstance(v, (int, float))}
+        coach = {f"coach/{k}": v for k, v in self.coach_metrics().items()}
         self.step += 1
         return {**stats, **rl_metrics, **counts, **coach, **timing, "time/update_s": update_s,
                 "time/step_s": time.perf_counter() - t0, "time/generated_tokens": result.timings.generated_tokens}
 
+    def coach_metrics(self) -> dict[str, float]:
+        """The coach ledger's numbers; multi-host: counters summed over hosts (each judged its own
+        share), requests per host, latency percentiles of process 0."""
+        local = {k: v for k, v in self.coach.metrics().items() if isinstance(v, (int, float))}
+        if distributed.process_count() == 1:
+            return local
+        per_host = distributed.gather_from_hosts([local])
+        total = dict(local)
+        for key in _SUMMED_COACH_COUNTERS + tuple(k for k in local if k.startswith(("fallbacks/", "retries/"))):
+            total[key] = sum(host.get(key, 0) for host in per_host)
+        total["fallback_rate"] = total["fallbacks"] / total["requests"] if total["requests"] else 0.0
+        total.update({f"requests/host{i}": host["requests"] for i, host in enumerate(per_host)})
+        return total
+
     def evaluate(self) -> dict[str, float]:
-        result, verdicts, timing = self.rollout(self.eval_tasks, self.step, evaluation=True)
-        stats, _ = self.episode_stats(self.eval_tasks, result, verdicts, prefix="eval/")
+        result, verdicts, outcomes, timing = self.rollout(self.eval_tasks, self.step, evaluation=True)
+        stats, _ = self.episode_stats(self.eval_tasks, result, verdicts, prefix="eval/", outcomes=outcomes)
         stats["eval/accuracy"] = stats.pop("eval/outcome")
         result.remove_workspaces()
         return {**stats, "eval/time_s": timing["time/rollout_s"] + timing["time/coach_wait_s"]}
@@ -356,6 +442,56 @@ class Trainer:
         self.checkpointer.close()
         self.metrics.close()
         self.policy.close()
+
+
+_SUMMED_COACH_COUNTERS = ("requests", "ok", "fallbacks", "calls", "retries", "repairs", "cache_hits",
+                          "tokens_in", "tokens_out", "cost_usd", "cache_entries")
+
+
+def _open_task_data(specs, data_dir: pathlib.Path) -> list:
+    """The task sources of `specs`. Process 0 prepares the TFDS files first and the other hosts
+    open them after a barrier (preparing at once in a shared data dir races on the final rename);
+    a host whose data dir is not shared prepares its own identical copy then."""
+    builders = [builder_from_spec(spec, data_dir) for spec in specs]
+    if distributed.process_count() == 1:
+        return [task_source(b) for b in builders]
+    sources = [task_source(b) for b in builders] if jax.process_index() == 0 else None
+    distributed.sync_hosts("mappa_task_data_prepared")
+    return sources or [task_source(b) for b in builders]
+
+
+def _episode_ids(tasks, samples_per_task: int, prefix: str) -> list[str]:
+    """The ids EpisodeRunner gives the episodes of `tasks`, in its order."""
+    seen: dict[str, int] = {}
+    ids = []
+    for task in tasks:
+        first = seen.get(task.task_id, 0)
+        seen[task.task_id] = first + samples_per_task
+        ids += [f"{prefix}{task.task_id}#{k}" for k in range(first, first + samples_per_task)]
+    return ids
+
+
+class _OwnedActions:
+    """A multi-host `on_action`: only the actions of this host's episodes (a contiguous block, as
+    `host_shard` splits them) go to the coach, so each action is judged once across hosts; the
+    judging still overlaps the rollout. Keeps a digest of each submitted action."""
+
+    def __init__(self, handoff: CoachHandoff, episode_ids: list[str]):
+        self.handoff = handoff
+        self.owned = set(distributed.host_shard(episode_ids))
+        self.digests: dict[tuple[str, str, int], str] = {}
+
+    def __call__(self, action) -> None:
+        if action.episode_id in self.owned:
+            self.digests[(action.episode_id, action.agent, action.turn)] = _action_digest(action)
+            self.handoff(action)
+
+
+def _action_digest(action) -> str:
+    """What the coach sees of an action (timings left out), to tell whether two hosts' copies agree."""
+    tool = dataclasses.replace(action.tool, wall_s=0.0) if action.tool is not None else None
+    return hashlib.sha256(pickle.dumps((action.prompt_ids, action.generated_ids, action.text, tool,
+                                        action.files_after))).hexdigest()
 
 
 def _summary(metrics: dict[str, float]) -> str:
