@@ -41,8 +41,10 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
         model, adapters = merged(params, lora)
         batch, prompt_len = tokens.shape
         cache = KVCache.zeros(model.cfg, batch, prompt_len, cache_dtype)
-        logits, cache = model(tokens, positions_from_mask(mask), mask, cache=cache, cache_index=0, lora=adapters)
-        last = jnp.take(logits[:, -1], row_source, axis=0)  # left padding: the last slot is real
+        hidden, cache = model(tokens, positions_from_mask(mask), mask, cache=cache, cache_index=0, lora=adapters,
+                              return_hidden=True)
+        # Left padding: every row's last slot is real. The head runs on that position only.
+        last = model.head(jnp.take(hidden[:, -1], row_source, axis=0))
 
         def grow(c):  # [L, B, P, H, D] -> [L, rows, P + G, H, D]
             rows = jnp.take(c, row_source, axis=1)

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.weights import abstract_model
+from mappa_jax.parallel.distributed import fetch_global
 from mappa_jax.sampling.config import SamplerConfig, bucket_for
 from mappa_jax.sampling.engine import build_programs
 from mappa_jax.sampling.stops import compile_stop_patterns, stop_table_arrays, token_bytes
@@ -204,9 +205,5 @@ class Sampler:
         (out_tokens, out_logprobs, lengths, stopped, steps), _ = decode(
             params, lora_state, cache, logits, self._put_batch(mask[row_source]), self._put_batch(active),
             self._put_batch(row_ids), *scalars, *shared)
-        out = (out_tokens, out_logprobs, lengths, stopped)
-        if jax.process_count() > 1:  # rows live on every host's devices: gather them everywhere
-            from jax.experimental import multihost_utils
-            out = multihost_utils.process_allgather(out, tiled=True)
-        out = jax.device_get(out)
-        return (*(np.asarray(x)[:num_rows] for x in out), int(steps))
+        out = fetch_global((out_tokens, out_logprobs, lengths, stopped, steps))  # rows may span hosts
+        return (*(x[:num_rows] for x in out[:4]), int(out[4]))
