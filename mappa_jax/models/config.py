@@ -9,6 +9,8 @@ from typing import Any
 import jax.numpy as jnp
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+ATTENTION_IMPLS = ("dense", "blockwise")
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -35,12 +37,26 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; logits are always float32
+    # Training memory. remat: recompute each layer's activations in the backward pass (only the
+    # layer inputs are kept); remat_policy: what the recomputation may keep instead (a name in
+    # REMAT_POLICIES). attention_impl "blockwise": flash-style attention over key blocks of
+    # attention_block_size slots, never holding [queries, keys] scores (for training at long T).
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    attention_impl: str = "dense"
+    attention_block_size: int = 512
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"model family {self.family!r} is not one of {FAMILIES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+        if int(self.attention_block_size) <= 0:
+            raise ValueError(f"model.attention_block_size must be positive, got {self.attention_block_size}")
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in _DTYPES:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {sorted(_DTYPES)}")

@@ -14,6 +14,7 @@ as the unpadded sequence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -99,6 +100,102 @@ def attention(q, k, v, q_slots, kv_mask, dtype):
     return out.reshape(b, t, hq * d)
 
 
+# ---- blockwise (flash-style) attention ---------------------------------------------------------
+# The keys are cut into blocks; a scan keeps a running max m, normalizer l and weighted sum per
+# query (online softmax), so only [queries, block] scores exist at a time. A custom VJP keeps just
+# (m, l, output) and recomputes each block's probabilities in the backward pass; differentiating
+# the forward scan instead would store every block's scores, i.e. the full [T, S] again.
+# Masking matches `attention` exactly: masked keys score finfo.min (a fully masked query row gets
+# a uniform average, as in the dense softmax); slots added to fill the last block score -inf.
+
+def _key_blocks(k, v, kv_mask, block):
+    """k, v [B,S,Hkv,D] -> [n,B,block,Hkv,D]; kv_mask -> [n,B,block]; slot ids [n,block]."""
+    s = k.shape[1]
+    n = -(-s // block)
+    pad = n * block - s
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
+    pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return split(pad_seq(k)), split(pad_seq(v)), split(pad_seq(kv_mask)), jnp.arange(n * block).reshape(n, block)
+
+
+def _block_scores(q, k_block, mask_block, slot_block, q_slots, num_slots):
+    """Masked float32 scores [B,Hkv,G,T,block] and the allowed-key mask of one key block."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_block, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    allowed = (slot_block[None, :] <= q_slots[:, None])[None, None, None] & mask_block[:, None, None, None, :]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    return jnp.where(slot_block < num_slots, scores, -jnp.inf), allowed
+
+
+def _flash_forward(q, k, v, q_slots, kv_mask, block):
+    b, t, hkv, g, d = q.shape
+    k_blocks, v_blocks, mask_blocks, slot_blocks = _key_blocks(k, v, kv_mask, block)
+
+    def step(carry, xs):
+        m, l, acc = carry
+        k_j, v_j, mask_j, slot_j = xs
+        scores, _ = _block_scores(q, k_j, mask_j, slot_j, q_slots, k.shape[1])
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        p = jnp.exp(scores - m_new[..., None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_j,
+                                                       preferred_element_type=jnp.float32)
+        return (m_new, l, acc), None
+
+    init = (jnp.full((b, hkv, g, t), jnp.finfo(jnp.float32).min, jnp.float32),
+            jnp.zeros((b, hkv, g, t), jnp.float32), jnp.zeros((b, hkv, g, t, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, mask_blocks, slot_blocks))
+    return (acc / l[..., None]).astype(q.dtype), m, l
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash_attention(q, k, v, q_slots, kv_mask, block):
+    return _flash_forward(q, k, v, q_slots, kv_mask, block)[0]
+
+
+def _flash_attention_fwd(q, k, v, q_slots, kv_mask, block):
+    out, m, l = _flash_forward(q, k, v, q_slots, kv_mask, block)
+    return out, (q, k, v, q_slots, kv_mask, out, m, l)
+
+
+def _flash_attention_bwd(block, residuals, d_out):
+    q, k, v, q_slots, kv_mask, out, m, l = residuals
+    s = k.shape[1]
+    k_blocks, v_blocks, mask_blocks, slot_blocks = _key_blocks(k, v, kv_mask, block)
+    d_out = d_out.astype(jnp.float32)
+    # d softmax: ds = p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = <d_out, out> per query.
+    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def step(dq, xs):
+        k_j, v_j, mask_j, slot_j = xs
+        scores, allowed = _block_scores(q, k_j, mask_j, slot_j, q_slots, s)
+        p = jnp.exp(scores - m[..., None]) / l[..., None]
+        dv_j = jnp.einsum("bkgts,bkgtd->bskd", p, d_out)
+        dp = jnp.einsum("bkgtd,bskd->bkgts", d_out, v_j.astype(jnp.float32))
+        ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * scale  # masked scores are constants
+        dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, k_j.astype(jnp.float32))
+        dk_j = jnp.einsum("bkgts,btkgd->bskd", ds, q.astype(jnp.float32))
+        return dq, (dk_j, dv_j)
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (k_blocks, v_blocks, mask_blocks, slot_blocks))
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :s]
+    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None
+
+
+_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
+
+
+def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512):
+    """`attention` computed over key blocks of `block_size` slots (same inputs, same result)."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, t, hkv, hq // hkv, d)
+    out = _flash_attention(q, k, v, q_slots, kv_mask, int(min(block_size, k.shape[1])))  # [B,Hkv,G,T,D]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, hq * d).astype(dtype)
+
+
 class Decoder(nnx.Module):
     """Token ids -> next-token logits, with an optional KV cache and optional LoRA adapters."""
 
@@ -182,13 +279,20 @@ class Decoder(nnx.Module):
                 cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_k, index, axis=0)
                 cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_v, index, axis=0)
                 k, v = layer_k.astype(dt), layer_v.astype(dt)
-            attn = attention(q, k, v, q_slots, kv_mask, dt)
+            if cfg.attention_impl == "blockwise":
+                attn = blockwise_attention(q, k, v, q_slots, kv_mask, dt, cfg.attention_block_size)
+            else:
+                attn = attention(q, k, v, q_slots, kv_mask, dt)
             x = x + linear(attn, lp["o_proj"], "o_proj", lp_lora)
             h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
             gated = jax.nn.silu(linear(h, lp["gate_proj"], "gate_proj", lp_lora)) * linear(h, lp["up_proj"], "up_proj", lp_lora)
             x = x + linear(gated, lp["down_proj"], "down_proj", lp_lora)
             return (x, cache_k, cache_v, index + 1), None
 
+        if cfg.remat:
+            # Backprop keeps each layer's input only and recomputes the layer (see REMAT_POLICIES).
+            layer = jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                                   prevent_cse=False)
         x = self.embed[...].astype(dt)[tokens]
         init = (x, None if cache is None else cache.k, None if cache is None else cache.v, 0)
         (x, cache_k, cache_v, _), _ = jax.lax.scan(layer, init, (self.layer_params(), adapters))
