@@ -452,12 +452,12 @@ def _open_task_data(specs, data_dir: pathlib.Path) -> list:
     """The task sources of `specs`. Process 0 prepares the TFDS files first and the other hosts
     open them after a barrier (preparing at once in a shared data dir races on the final rename);
     a host whose data dir is not shared prepares its own identical copy then."""
-    builders = [builder_from_spec(spec, data_dir) for spec in specs]
+    open_all = lambda: [task_source(builder_from_spec(spec, data_dir)) for spec in specs]
     if distributed.process_count() == 1:
-        return [task_source(b) for b in builders]
-    sources = [task_source(b) for b in builders] if jax.process_index() == 0 else None
+        return open_all()
+    sources = open_all() if jax.process_index() == 0 else None
     distributed.sync_hosts("mappa_task_data_prepared")
-    return sources or [task_source(b) for b in builders]
+    return sources or open_all()  # a builder made before the files exist would not see them
 
 
 def _episode_ids(tasks, samples_per_task: int, prefix: str) -> list[str]:
