@@ -5,6 +5,11 @@ padded to a length bucket; rows are padded to a batch bucket with invalid rows (
 Per-token arrays are [B, T] aligned with `tokens`: entry t belongs to token t (its logprob is
 log p(tokens[t] | tokens[:t])). `action_mask` marks generated tokens; `valid` zeroes whole rows
 (truncated generations, actions whose reward is missing because the coach failed, batch padding).
+
+Layouts (`padding_side`): "right" / "left" pad whole rows to a length bucket; "split" left-pads
+prompts to a prompt bucket P and right-pads generations to a generation bucket G, so every action
+token lies in the window [P, P + G) and the trainer computes logits only there
+(`Experience.logprob_start` = P, a static field: one compiled program per (P, G) bucket pair).
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ class Experience:
     rewards: jax.Array           # [B] float32, the action's reward (0 where missing)
     group_ids: jax.Array         # [B] int32, prompt group (for group-scoped normalization)
     advantages: jax.Array        # [B, T] float32, filled by the advantage computation
+    # Static: no action token lies before this index, so logprobs are computed for t >= it only
+    # (1 = every position that has a prefix; the prompt bucket P in the "split" layout).
+    logprob_start: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     @property
     def loss_mask(self) -> jax.Array:
@@ -44,6 +52,9 @@ class Experience:
 
     def replace(self, **changes) -> "Experience":
         return dataclasses.replace(self, **changes)
+
+
+PADDING_SIDES = ("right", "left", "split")
 
 
 class Sample(NamedTuple):
@@ -73,16 +84,23 @@ def batch_bucket(count: int, buckets: Sequence[int], multiple: int = 1) -> int:
     return -(-max(rows, 1) // multiple) * multiple
 
 
-def build_experience(samples: Sequence[Sample | tuple], *, length_buckets: Sequence[int],
-                     batch_buckets: Sequence[int], batch_multiple: int = 1, pad_id: int = 0,
-                     padding_side: str = "right") -> Experience:
+def build_experience(samples: Sequence[Sample | tuple], *, batch_buckets: Sequence[int],
+                     length_buckets: Sequence[int] | None = None, batch_multiple: int = 1, pad_id: int = 0,
+                     padding_side: str = "right", prompt_buckets: Sequence[int] | None = None,
+                     generation_buckets: Sequence[int] | None = None) -> Experience:
     """Pad a list of actions (Sample or (prompt_ids, generated_ids, sampler_logprobs, reward|None,
-    truncated[, group_id]) tuples) into an Experience of bucketed shape. Arrays are NumPy; put them
-    on the mesh with `jax.device_put` (see `rl.update.PolicyUpdater.place`)."""
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side={padding_side!r} is not 'right' or 'left'")
-    if not length_buckets or not batch_buckets:
-        raise ValueError("build_experience needs non-empty length_buckets and batch_buckets")
+    truncated[, group_id]) tuples) into an Experience of bucketed shape. "right"/"left" padding
+    snap prompt + generation to `length_buckets`; "split" snaps prompts to `prompt_buckets` and
+    generations to `generation_buckets` (e.g. the sampler's own buckets). Arrays are NumPy; put
+    them on the mesh with `jax.device_put` (see `rl.update.PolicyUpdater.place`)."""
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side={padding_side!r} is not one of {PADDING_SIDES}")
+    if not batch_buckets:
+        raise ValueError("build_experience needs non-empty batch_buckets")
+    if padding_side == "split" and (not prompt_buckets or not generation_buckets):
+        raise ValueError("padding_side='split' needs non-empty prompt_buckets and generation_buckets")
+    if padding_side != "split" and not length_buckets:
+        raise ValueError(f"padding_side={padding_side!r} needs non-empty length_buckets")
     samples = [s if isinstance(s, Sample) else Sample(*s) for s in samples]
     for i, s in enumerate(samples):
         if len(s.prompt_ids) == 0:
@@ -90,8 +108,15 @@ def build_experience(samples: Sequence[Sample | tuple], *, length_buckets: Seque
         if len(s.sampler_logprobs) != len(s.generated_ids):
             raise ValueError(f"sample {i}: {len(s.generated_ids)} generated ids but "
                              f"{len(s.sampler_logprobs)} sampler_logprobs")
-    longest = max((len(s.prompt_ids) + len(s.generated_ids) for s in samples), default=1)
-    t = snap_to_bucket(longest, length_buckets, "sequence length (prompt + generation)")
+    if padding_side == "split":
+        prompt_len = snap_to_bucket(max((len(s.prompt_ids) for s in samples), default=1), prompt_buckets,
+                                    "prompt length (prompt_buckets)")
+        gen_len = snap_to_bucket(max((len(s.generated_ids) for s in samples), default=1), generation_buckets,
+                                 "generation length (generation_buckets)")
+        t, logprob_start = prompt_len + gen_len, prompt_len
+    else:
+        longest = max((len(s.prompt_ids) + len(s.generated_ids) for s in samples), default=1)
+        t, logprob_start = snap_to_bucket(longest, length_buckets, "sequence length (prompt + generation)"), 1
     b = batch_bucket(len(samples), batch_buckets, batch_multiple)
 
     tokens = np.full((b, t), pad_id, np.int32)
@@ -103,7 +128,7 @@ def build_experience(samples: Sequence[Sample | tuple], *, length_buckets: Seque
     groups = np.zeros((b,), np.int32)
     for row, s in enumerate(samples):
         p, g = len(s.prompt_ids), len(s.generated_ids)
-        start = 0 if padding_side == "right" else t - p - g
+        start = {"right": 0, "left": t - p - g, "split": logprob_start - p}[padding_side]
         tokens[row, start:start + p] = s.prompt_ids
         tokens[row, start + p:start + p + g] = s.generated_ids
         attention[row, start:start + p + g] = True
@@ -115,7 +140,7 @@ def build_experience(samples: Sequence[Sample | tuple], *, length_buckets: Seque
     return Experience(tokens=tokens, attention_mask=attention, action_mask=action, valid=valid,
                       sampler_logprobs=logprobs, old_logprobs=logprobs.copy(),
                       ref_logprobs=np.zeros((b, t), np.float32), rewards=rewards, group_ids=groups,
-                      advantages=np.zeros((b, t), np.float32))
+                      advantages=np.zeros((b, t), np.float32), logprob_start=logprob_start)
 
 
 def sample_counts(samples: Sequence[Sample | tuple]) -> dict[str, int]:

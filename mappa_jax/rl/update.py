@@ -46,6 +46,30 @@ class AgentPolicy:
     reference: Any      # parameters of the reference policy (LoRA: the same shared base)
 
 
+def window_logprobs(head, hidden, targets, temperature: float, with_entropy: bool, chunk: int):
+    """log p(targets) and the entropy [B, W] from hidden states [B, W, H] through `head` (hidden ->
+    float32 logits). Windows longer than `chunk` run chunk by chunk under `jax.checkpoint`, so at
+    most [B, chunk, V] logits exist at once, in the forward and the backward pass."""
+    def one(hidden, targets):
+        logits = head(hidden).astype(jnp.float32) / temperature
+        log_norm = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_norm
+        if not with_entropy:
+            return logp, jnp.zeros_like(logp)
+        probs = jnp.exp(logits - log_norm[..., None])
+        return logp, log_norm - jnp.sum(probs * logits, axis=-1)
+
+    b, w = targets.shape
+    if w <= chunk:
+        return one(hidden, targets)
+    n = -(-w // chunk)
+    to_chunks = lambda x: jnp.moveaxis(
+        jnp.pad(x, [(0, 0), (0, n * chunk - w)] + [(0, 0)] * (x.ndim - 2)).reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+    logp, entropy = jax.lax.map(jax.checkpoint(lambda xs: one(*xs)), (to_chunks(hidden), to_chunks(targets)))
+    from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n * chunk)[:, :w]
+    return from_chunks(logp), from_chunks(entropy)
+
+
 def _constrain_batch(mesh, x: jax.Array, batch_dim: int) -> jax.Array:
     spec = [None] * x.ndim
     spec[batch_dim] = BATCH_AXES
@@ -55,7 +79,12 @@ def _constrain_batch(mesh, x: jax.Array, batch_dim: int) -> jax.Array:
 class PolicyUpdater:
     """Compiled logprob and update functions for one model architecture on one mesh."""
 
-    def __init__(self, graphdef, cfg: RLConfig, mesh, *, lora_graphdef=None):
+    def __init__(self, graphdef, cfg: RLConfig, mesh, *, lora_graphdef=None, logits_chunk: int = 256):
+        """logits_chunk: positions whose [micro_batch, chunk, vocab] logits exist at once (the head,
+        log-softmax and entropy run chunk by chunk and are recomputed in the backward pass)."""
+        if int(logits_chunk) <= 0:
+            raise ValueError(f"logits_chunk must be positive, got {logits_chunk}")
+        self.logits_chunk = int(logits_chunk)
         self.graphdef = graphdef
         self.lora_graphdef = lora_graphdef
         self.cfg = cfg
@@ -114,23 +143,18 @@ class PolicyUpdater:
         return AgentPolicy(self.init_state(adapters), base, base)
 
     # ---- the forward pass ---------------------------------------------------------------------
-    def _token_logprobs(self, base, lora, tokens, attention_mask, with_entropy: bool):
-        """log p(tokens[t] | tokens[:t]) and the entropy at t, [B, T] each (0 at t = 0)."""
+    def _token_logprobs(self, base, lora, tokens, attention_mask, with_entropy: bool, start: int = 1):
+        """log p(tokens[t] | tokens[:t]) and the entropy at t, [B, T] each, for t >= start (0 before:
+        `Experience.logprob_start` promises no action token lies there)."""
         model = nnx.merge(self.graphdef, base)
         adapters = None if lora is None else nnx.merge(self.lora_graphdef, lora)
-        logits, _ = model(tokens, positions_from_mask(attention_mask), attention_mask, lora=adapters)
-        # Position t predicts token t + 1. Work on the whole [B, T, V] logits with a logsumexp
-        # (no sliced copy, no stored log-softmax), then shift the results right by one.
-        logits = logits.astype(jnp.float32) / self.cfg.temperature
-        log_norm = jax.nn.logsumexp(logits, axis=-1)
-        next_tokens = jnp.roll(tokens, -1, axis=1)
-        logp = jnp.take_along_axis(logits, next_tokens[..., None], axis=-1)[..., 0] - log_norm
-        shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)))
-        if not with_entropy:
-            return shift(logp), jnp.zeros_like(logp)
-        probs = jnp.exp(logits - log_norm[..., None])
-        entropy = log_norm - jnp.sum(probs * logits, axis=-1)
-        return shift(logp), shift(entropy)
+        hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask, lora=adapters,
+                          return_hidden=True)
+        # Position t - 1 predicts token t: the vocabulary head runs on the window only.
+        logp, entropy = window_logprobs(model.head, hidden[:, start - 1:-1], tokens[:, start:], self.cfg.temperature,
+                                        with_entropy, self.logits_chunk)
+        pad = lambda x: jnp.pad(x, ((0, 0), (start, 0)))
+        return pad(logp), pad(entropy)
 
     def _model_params(self, trainable, frozen):
         """(base, lora) for the forward pass."""
@@ -170,7 +194,7 @@ class PolicyUpdater:
             split = lambda x: _constrain_batch(self.mesh, x.reshape(n, mb, *x.shape[1:]), 1)
             def one(batch):
                 tokens, mask = batch
-                return self._token_logprobs(base, lora, tokens, mask, with_entropy=False)[0]
+                return self._token_logprobs(base, lora, tokens, mask, False, exp.logprob_start)[0]
             out = jax.lax.map(one, (split(exp.tokens), split(exp.attention_mask)))
             return out.reshape(exp.tokens.shape)
 
@@ -187,7 +211,8 @@ class PolicyUpdater:
     def _micro_loss(self, trainable, frozen, batch: Experience, counts):
         cfg = self.cfg
         base, lora = self._model_params(trainable, frozen)
-        logp, entropy = self._token_logprobs(base, lora, batch.tokens, batch.attention_mask, cfg.compute_entropy)
+        logp, entropy = self._token_logprobs(base, lora, batch.tokens, batch.attention_mask, cfg.compute_entropy,
+                                             batch.logprob_start)
         mask = batch.loss_mask
         aggregate = LOSS_AGGREGATIONS.get(cfg.loss_agg)
         token_loss, clipped = POLICY_LOSSES.get(cfg.policy_loss)(
@@ -262,6 +287,17 @@ class PolicyUpdater:
         metrics["advantage_max"] = jnp.max(jnp.where(mask, exp.advantages, -jnp.inf))
         return state, metrics
 
+    def _update_fn(self, policy: AgentPolicy, exp: Experience):
+        state_shardings = param_shardings(self.mesh, policy.state)
+        return self._jit("update", self._update, (policy.state, policy.frozen, exp),
+                         (state_shardings, replicated(self.mesh)), donate=(0,))
+
+    def update_memory(self, policy: AgentPolicy, exp: Experience):
+        """XLA's memory analysis of the compiled update for this policy and experience shape
+        (`.temp_size_in_bytes`: activations and other scratch, per device). Arrays may be abstract
+        (jax.ShapeDtypeStruct), so large models can be sized without allocating them."""
+        return self._update_fn(policy, exp).lower(policy.state, policy.frozen, exp).compile().memory_analysis()
+
     def update(self, policy: AgentPolicy, exp: Experience) -> tuple[AgentPolicy, dict[str, jax.Array]]:
         """One pass over `exp` (placed, with advantages and ref/old logprobs filled). The old train
         state is donated: use the returned policy."""
@@ -269,8 +305,5 @@ class PolicyUpdater:
         if exp.batch_size % tb:
             raise ValueError(f"experience batch {exp.batch_size} is not a multiple of rl.train_batch_size={tb} "
                              f"(build it with batch_multiple={tb})")
-        state_shardings = param_shardings(self.mesh, policy.state)
-        fn = self._jit("update", self._update, (policy.state, policy.frozen, exp),
-                       (state_shardings, replicated(self.mesh)), donate=(0,))
-        state, metrics = fn(policy.state, policy.frozen, exp)
+        state, metrics = self._update_fn(policy, exp)(policy.state, policy.frozen, exp)
         return dataclasses.replace(policy, state=state), metrics
