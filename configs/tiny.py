@@ -27,9 +27,9 @@ def get_config():
     for agent in agents.values():
         agent.max_new_tokens = 16
         agent.stop_strings = tuple(agent.stop_strings) + ("e",)
-    c.topology.max_prompt_tokens = 384
+    c.topology.max_prompt_tokens = 256
     c.sampler.batch_buckets = (4,)
-    c.sampler.prompt_buckets = (384,)
+    c.sampler.prompt_buckets = (256,)  # the longest MathChat prompt here is ~200 tokens
     c.sampler.generation_buckets = (16,)
 
     c.rl.learning_rate = 1e-3       # large enough that three steps visibly move the adapters
@@ -37,7 +37,7 @@ def get_config():
     c.rl.train_batch_size = 4
     c.rl.micro_batch_size = 4
     c.rl.old_logprobs = "sampler"   # one forward pass fewer per step; the gap is still logged
-    c.rl.length_buckets = (400,)    # prompt + generation
+    c.rl.length_buckets = (272,)    # prompt + generation
 
     c.train.steps = 3
     c.train.tasks_per_step = 2
