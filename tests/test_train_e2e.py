@@ -53,9 +53,10 @@ class RunSetup:
                 f"--config.workdir={workdir}", *overrides]
 
     def start(self, workdir: pathlib.Path, log_name: str) -> subprocess.Popen:
-        log = open(self.root / log_name, "w")  # noqa: SIM115 - closed with the process
-        return subprocess.Popen(self.command(workdir), cwd=REPO, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        """The run in its own process group (so a kill takes any sandbox children with it)."""
+        with open(self.root / log_name, "w") as log:
+            return subprocess.Popen(self.command(workdir), cwd=REPO, env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self, log_name: str) -> str:
         return (self.root / log_name).read_text()
@@ -109,12 +110,17 @@ def get_config():
     return RunSetup(root, config_file, env)
 
 
+def kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def wait(process: subprocess.Popen, setup: RunSetup, log_name: str) -> None:
     try:
         process.wait(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        kill(process)
         pytest.fail(f"{log_name} still running after {RUN_TIMEOUT_S}s:\n{setup.log(log_name)[-4000:]}")
     assert process.returncode == 0, f"{log_name} exited {process.returncode}:\n{setup.log(log_name)[-4000:]}"
 
@@ -132,8 +138,8 @@ class Runs:
 def runs(setup) -> Runs:
     """The uninterrupted run and the killed-then-resumed one, started side by side."""
     baseline, resumed = setup.root / "baseline", setup.root / "resumed"
-    first = setup.start(baseline, "baseline.log")
-    victim = setup.start(resumed, "killed.log")
+    started = [setup.start(baseline, "baseline.log"), setup.start(resumed, "killed.log")]
+    first, victim = started
     try:
         # Step 2's rollout makes its workspace root; checkpoint 1 is complete by then.
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -141,17 +147,16 @@ def runs(setup) -> Runs:
             if victim.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the run to kill ended or stalled before step 2:\n{setup.log('killed.log')[-4000:]}")
             time.sleep(0.05)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
+        kill(victim)
+        steps_before = [r["step"] for r in _rows(resumed)]
+        assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["1"], \
+            "the kill did not land during step 2"
+        started.append(setup.start(resumed, "resumed.log"))
+        wait(started[-1], setup, "resumed.log")
+        wait(first, setup, "baseline.log")
     finally:
-        if victim.poll() is None:
-            victim.kill()
-    steps_before = [r["step"] for r in _rows(resumed)]
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["1"], \
-        "the kill did not land during step 2"
-    second = setup.start(resumed, "resumed.log")
-    wait(second, setup, "resumed.log")
-    wait(first, setup, "baseline.log")
+        for process in started:
+            kill(process)
     return Runs(baseline, resumed, setup.log("killed.log"), setup.log("resumed.log"), steps_before)
 
 
