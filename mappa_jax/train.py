@@ -417,9 +417,34 @@ class Trainer:
             final_eval = self.evaluate()
         self._log("before training: " + _summary(self.baseline_eval))
         self._log("after training:  " + _summary(final_eval))
+        self.check_hosts_agree()
         if self.is_main:
             self._write_outputs(final_eval)
         return final_eval
+
+    def check_hosts_agree(self) -> int:
+        """Multi-host: every host must hold the same parameters (each computed the same update).
+        Compares digests of every host's parameter shards (same shard index: same bytes) and raises
+        naming those that differ; returns how many shards were compared (0 on a single host)."""
+        if distributed.process_count() == 1:
+            return 0
+        local: dict[tuple, set] = collections.defaultdict(set)
+        for name, policy in self.policies.items():
+            for path, leaf in jax.tree_util.tree_leaves_with_path(policy.state.params):
+                for shard in leaf.addressable_shards:
+                    digest = hashlib.sha256(np.asarray(shard.data).tobytes()).hexdigest()
+                    local[(name, jax.tree_util.keystr(path), str(shard.index))].add(digest)
+        merged: dict[tuple, set] = collections.defaultdict(set)
+        for digests in distributed.gather_from_hosts([dict(local)]):
+            for key, values in digests.items():
+                merged[key] |= values
+        differing = sorted(key for key, values in merged.items() if len(values) > 1)
+        if differing:
+            raise RuntimeError(f"hosts hold different parameters after step {self.step} (a host-dependent "
+                               f"input reached the update): {differing[:5]}")
+        self._log(f"hosts agree: {len(merged)} parameter shards identical on all "
+                  f"{distributed.process_count()} hosts")
+        return len(merged)
 
     def _write_outputs(self, final_eval) -> None:
         from mappa_jax.plots import plot_curves
