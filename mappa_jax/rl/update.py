@@ -8,6 +8,8 @@ same executable. Two policy layouts:
 - full: each agent trains its own parameter set; its reference is a separate frozen copy;
 - LoRA: agents share one frozen base and train only their `LoraAdapters`; the reference is the
   base with adapters off, which costs no extra memory.
+Logits exist only where logprobs are needed: from `Experience.logprob_start` on (the generation
+window of the "split" layout), `logits_chunk` positions at a time.
 """
 from __future__ import annotations
 
