@@ -357,9 +357,12 @@ class Trainer:
                                                  reward, action.truncated, group_of[episode.task_id]))
         pad = self.sampler.config.pad_token_id
         tb = self.rl_cfg.train_batch_size
+        # Prompts and generations snap to the sampler's own buckets ("split" layout), so the trainer
+        # computes logits only over the generation window.
         experiences = {name: build_experience(
-            rows, length_buckets=tuple(c.rl.length_buckets), batch_buckets=tuple(tb * 2 ** k for k in range(12)),
-            batch_multiple=tb, pad_id=pad) for name, rows in samples.items()}
+            rows, batch_buckets=tuple(tb * 2 ** k for k in range(12)), batch_multiple=tb, pad_id=pad,
+            padding_side="split", prompt_buckets=tuple(c.sampler.prompt_buckets),
+            generation_buckets=tuple(c.sampler.generation_buckets)) for name, rows in samples.items()}
         t_update = time.perf_counter()
         self.policies, rl_metrics = train_step(self.updater, self.policies, experiences)
         rl_metrics = {f"rl/{k}": float(v) for k, v in jax.device_get(rl_metrics).items()}
