@@ -30,8 +30,8 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    from mappa_jax import cli  # noqa: F401  (defines --config)
-    app.run(main)
+    from mappa_jax.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ import pathlib
 import pickle
 import tempfile
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -47,7 +45,7 @@ from mappa_jax.rl.pipeline import train_step
 from mappa_jax.rl.update import PolicyUpdater
 from mappa_jax.sampling import Sampler, SamplerConfig
 from mappa_jax.tools import Sandbox, SandboxConfig
-from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, PolicyWeights, SamplerPolicy,
+from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, SamplerPolicy,
                                  topology_from_config)
 
 
@@ -539,29 +537,9 @@ def main(argv) -> None:
         trainer.close()
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, except that an override of a key the config lacks (--config.foo=1),
-    which ml_collections raises as a bare AttributeError deep in a traceback, exits naming the key."""
-    import sys
-    from absl import flags
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as err:
-        detail = err.args[0] if err.args else err
-        if isinstance(detail, KeyError) and detail.args:
-            detail = detail.args[0]
-        missing, _, hint = str(detail).partition("\n")
-        missing = missing.strip("'\"")
-        overrides = [a[2:].split("=", 1)[0].removeprefix("config.") for a in argv[1:] if a.startswith("--config.")]
-        key = next((k for k in overrides if missing in k.split(".")), missing)
-        sys.exit(f"error: unknown config key {key!r} (command-line override --config.{key}) {hint}".rstrip())
-    except flags.Error as err:  # a bad value or an unknown flag: what absl's own parser reports
-        sys.exit(f"error: {err}\nPass --helpfull to see the flags.")
-
-
 def run() -> None:
     from absl import app
-    from mappa_jax import cli  # noqa: F401  (defines --config)
+    from mappa_jax.cli import parse_flags
     app.run(main, flags_parser=parse_flags)
 
 

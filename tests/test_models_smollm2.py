@@ -54,3 +54,16 @@ def test_greedy_generation_matches_transformers(smollm2, reference, chat_prompt)
     for n in range(len(chat_prompt), buffer.shape[1]):
         buffer[0, n] = int(jnp.argmax(forward(jnp.asarray(buffer))[0, n - 1]))
     assert buffer[0, len(chat_prompt):].tolist() == expected
+
+
+def test_cached_tokenizer_equals_the_gguf_conversion(smollm2_gguf):
+    """load_tokenizer caches the GGUF's converted tokenizer; the cached copy must encode the same."""
+    from transformers import AutoTokenizer
+    fresh = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    cached = weights.load_tokenizer(smollm2_gguf)
+    text = "Ada buys 7 pencils at 3 dollars each.\n```python\nprint(7 * 3)\n```  \\boxed{21} <think>x</think>"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    assert cached.encode(text) == fresh.encode(text)
+    assert (cached.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            == fresh.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert cached.convert_ids_to_tokens(list(range(49152))) == fresh.convert_ids_to_tokens(list(range(49152)))

@@ -8,14 +8,15 @@ assembles, a full copy of a sharded parameter.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.decoder import Decoder
@@ -258,12 +259,26 @@ def load_gguf(path: str | pathlib.Path, shardings_fn=None, **config_overrides) -
 
 
 def load_tokenizer(source: str | pathlib.Path):
-    """A transformers tokenizer (with chat template) from a GGUF file or a local model directory."""
+    """A transformers tokenizer (with chat template) from a GGUF file or a local model directory.
+
+    Converting a GGUF's vocabulary takes 10+ s, so the converted tokenizer is saved once in the
+    model cache (keyed by the file's name and size) and loaded from there afterwards."""
     from transformers import AutoTokenizer
+    from mappa_jax.models import hub
     source = pathlib.Path(source)
-    if source.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    return AutoTokenizer.from_pretrained(str(source))
+    if source.suffix != ".gguf":
+        return AutoTokenizer.from_pretrained(str(source))
+    cached = hub.cache_dir() / "tokenizers" / f"{source.stem}-{source.stat().st_size}"
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    partial = cached.with_name(cached.name + f".partial{os.getpid()}")
+    tokenizer.save_pretrained(str(partial))
+    try:
+        partial.rename(cached)  # atomic; a concurrent process may have won the race
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    return tokenizer
 
 
 def merge(cfg: ModelConfig, state: nnx.State) -> Decoder:
