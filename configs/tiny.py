@@ -36,7 +36,7 @@ def get_config():
     c.rl.warmup_ratio = 0.0
     c.rl.train_batch_size = 4
     c.rl.micro_batch_size = 4
-    c.rl.old_logprobs = "sampler"   # one forward pass fewer per step; the gap is still logged
+    c.rl.old_logprobs = "sampler"   # the behaviour policy is what sampled; the trainer gap is still logged
     c.rl.length_buckets = (272,)    # prompt + generation
 
     c.train.steps = 3
