@@ -12,6 +12,8 @@ def get_config():
     c.model.source = "Qwen/Qwen3-4B"
     c.model.param_dtype = "bfloat16"
     c.model.dtype = "bfloat16"
+    c.model.train_remat = True
+    c.model.train_attention = "blockwise"
     c.policy.mode = "full"
     c.mesh.data = 1
     c.mesh.fsdp = -1

@@ -11,6 +11,8 @@ def get_config():
     c.model.source = "Qwen/Qwen3-4B-Thinking-2507"
     c.model.param_dtype = "bfloat16"
     c.model.dtype = "bfloat16"
+    c.model.train_remat = True
+    c.model.train_attention = "blockwise"
     c.policy.mode = "full"
     c.mesh.data = 1
     c.mesh.fsdp = -1                # ZeRO-3 style: parameters and optimizer state over all chips

@@ -41,6 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"       # compute dtype; "bfloat16" on TPU/GPU
     c.model.random_layers = 2
     c.model.random_hidden = 64
+    # Training memory (the update step only; the sampler keeps dense attention): recompute each
+    # layer in the backward pass, and flash-style attention over key blocks that never holds the
+    # [T, T] scores. Both are needed at MAPPA's 4k-16k token actions; on CPU they cost speed.
+    c.model.train_remat = False
+    c.model.train_attention = "dense"     # "dense" | "blockwise"
+    c.model.train_attention_block = 512
 
     # --- how each policy is parameterised -----------------------------------------------------
     c.policy = ml_collections.ConfigDict()
@@ -145,6 +151,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                            | {"total_optimizer_steps": max(1, config.rl.total_optimizer_steps)})
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if config.model.train_attention not in ("dense", "blockwise"):
+        raise ConfigError(f"config key 'model.train_attention' must be 'dense' or 'blockwise', "
+                          f"got {config.model.train_attention!r}")
     if config.policy.mode not in ("lora", "full"):
         raise ConfigError(f"config key 'policy.mode' must be 'lora' or 'full', got {config.policy.mode!r}")
     for key in ("steps", "tasks_per_step", "samples_per_task", "eval_samples", "checkpoint_every",

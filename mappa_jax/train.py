@@ -173,7 +173,9 @@ class Trainer:
         self.mesh = parallel.make_mesh(**config.mesh)
         shardings_fn = lambda state: parallel.param_shardings(self.mesh, state)
         self.model_cfg, self.base, self.tokenizer = load_model(config.model, config.seed, shardings_fn)
-        self.graphdef = weights.abstract_model(self.model_cfg)[0]
+        m = config.model  # the update's graph may trade compute for memory; the params are the same
+        self.graphdef = weights.abstract_model(self.model_cfg.replace(
+            remat=m.train_remat, attention_impl=m.train_attention, attention_block_size=m.train_attention_block))[0]
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.rl_cfg = _rl_config(config, self.topology, shards)
         self._build_policies()
