@@ -273,11 +273,13 @@ class Decoder(nnx.Module):
                 k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
             if cache_k is not None:
-                # Write this layer's new keys into its cache slice; attend over all slots.
-                layer_k = jax.lax.dynamic_update_slice_in_dim(cache_k[index], k.astype(cache_k.dtype), cache_index, axis=1)
-                layer_v = jax.lax.dynamic_update_slice_in_dim(cache_v[index], v.astype(cache_v.dtype), cache_index, axis=1)
-                cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_k, index, axis=0)
-                cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_v, index, axis=0)
+                # Write only the new slots into the whole cache (in place under donation), then
+                # read this layer's slice: updating a sliced-out copy and writing it back costs
+                # several full-cache copies per decode step.
+                start = (index, 0, cache_index, 0, 0)
+                cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
+                cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
+                layer_k, layer_v = cache_k[index], cache_v[index]
                 k, v = layer_k.astype(dt), layer_v.astype(dt)
             if cfg.attention_impl == "blockwise":
                 attn = blockwise_attention(q, k, v, q_slots, kv_mask, dt, cfg.attention_block_size)
