@@ -8,11 +8,11 @@ from mappa_jax.metrics import read_jsonl
 
 # Panel title -> metric-name prefixes it gathers (each matching key is one line).
 PANELS = {
-    "coach reward per agent": ("reward/agent/",),
+    "coach reward per agent (training rollouts, 0-1)": ("reward/agent/",),
+    "held-out: accuracy and coach reward per agent": ("eval/accuracy", "eval/reward/agent/"),
     "coach reward per task type": ("reward/task_type/",),
-    "held-out evaluation": ("eval/",),
     "response length per agent (tokens)": ("length/agent/",),
-    "tool use and fallbacks": ("behaviour/",),
+    "tool use, truncation, fallbacks (fraction of actions)": ("behaviour/",),
     "time per step (s)": ("time/",),
 }
 
@@ -36,6 +36,7 @@ def plot_curves(workdir: str | pathlib.Path, out: str | pathlib.Path | None = No
             ax.plot(*zip(*points), marker="o", markersize=3, label=key.split("/", 1)[1])
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -373,7 +373,7 @@ class Trainer:
         coach = {f"coach/{k}": v for k, v in self.coach_metrics().items()}
         self.step += 1
         return {**stats, **rl_metrics, **counts, **coach, **timing, "time/update_s": update_s,
-                "time/step_s": time.perf_counter() - t0, "time/generated_tokens": result.timings.generated_tokens}
+                "time/step_s": time.perf_counter() - t0, "rollout/generated_tokens": result.timings.generated_tokens}
 
     def coach_metrics(self) -> dict[str, float]:
         """The coach ledger's numbers; multi-host: counters summed over hosts (each judged its own
