@@ -14,10 +14,11 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-from mappa_jax.workflows.chat import ChatFormat, strip_think
-from mappa_jax.workflows.policy import Generation, Policy
+from mappa_jax.coach.prompts import truncate_middle
 from mappa_jax.data.latex import last_boxed
 from mappa_jax.tools import extract_code_cells
+from mappa_jax.workflows.chat import ChatFormat, strip_think
+from mappa_jax.workflows.policy import Generation, Policy
 from mappa_jax.workflows.records import (Action, EpisodeResult, RunResult, RunTimings, ToolRecord,
                                          intersection_length, interval_union)
 from mappa_jax.workflows.specs import AgentSpec, Topology
@@ -26,15 +27,6 @@ from mappa_jax.workflows.workspaces import workspace_factory
 
 class EpisodeFailure(Exception):
     """Ends one episode; the message is its recorded failure reason."""
-
-
-def truncate_middle(text: str, max_chars: int) -> str:
-    """At most max_chars of text, keeping head and tail (errors usually sit at the end)."""
-    if max_chars <= 0 or len(text) <= max_chars:
-        return text
-    head = max_chars // 2
-    tail = max_chars - head
-    return f"{text[:head]}\n[... {len(text) - max_chars} characters cut ...]\n{text[-tail:]}"
 
 
 def execution_message(tool: ToolRecord, max_chars: int) -> str:
