@@ -31,6 +31,7 @@ import sys
 
 import numpy as np
 import pytest
+from scored_tiny import write_scored_tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -38,37 +39,6 @@ RUN_TIMEOUT_S = 480  # generous: the machine is shared with other jobs
 PROCESSES, DEVICES_PER_PROCESS = 2, 1
 SCORES = (1, 9, 3, 7)  # the coach score of each training problem (2 steps x 2 problems)
 OVERRIDES = (f"--config.train.steps={STEPS}", "--config.logging.progress=False")
-
-
-def _write_config(root: pathlib.Path, coach_url: str) -> pathlib.Path:
-    from mappa_jax.models import hub, weights
-    tokenizer_dir = root / "tokenizer"  # SmolLM2's tokenizer as a directory: runs skip parsing the GGUF
-    weights.load_tokenizer(hub.smollm2_gguf_path()).save_pretrained(tokenizer_dir)
-    (tokenizer_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    problems = root / "problems.jsonl"
-    problems.write_text("".join(
-        json.dumps({"id": f"p{i}", "problem": f"What is {i + 2} + {3 * i + 1}? [[score:{score}]]",
-                    "answer": str(4 * i + 3)}) + "\n" for i, score in enumerate(SCORES)))
-    config_file = root / "distributed_config.py"
-    config_file.write_text(f'''"""configs/tiny.py with scored problems and the loopback coach."""
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("tiny_config", {str(REPO / "configs" / "tiny.py")!r})
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
-
-
-def get_config():
-    c = _tiny.get_config()
-    c.model.tokenizer = {str(tokenizer_dir)!r}
-    c.data.train = {{"source": "math_files", "files": [{{"path": {str(problems)!r}, "task_type": "arithmetic"}}]}}
-    c.coach.backend = "openai"
-    c.coach.model = "loopback-coach"
-    c.coach.openai.base_url = {coach_url + "/v1"!r}
-    c.coach.openai.api_key_env = ""
-    return c
-''')
-    return config_file
 
 
 def _command(config_file: pathlib.Path, workdir: pathlib.Path) -> list[str]:
@@ -92,7 +62,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed_train")
     single, multi = root / "single", root / "multi"
     with FakeCoachServer(record_bodies=False) as server:
-        config_file = _write_config(root, server.url)
+        config_file = write_scored_tiny_config(root, server.url, SCORES, "distributed_config.py")
         # One after the other: the machine has 2 cores.
         env = {**_base_env(), "JAX_NUM_CPU_DEVICES": "1"}
         done = subprocess.run(_command(config_file, single), cwd=REPO, env=env, capture_output=True,

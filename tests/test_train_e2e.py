@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import pytest
+from scored_tiny import write_scored_tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.py"
@@ -72,36 +73,7 @@ def coach_server():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, coach_server) -> RunSetup:
     root = tmp_path_factory.mktemp("train_e2e")
-    # SmolLM2's tokenizer saved as a tokenizer directory: each run then skips parsing the GGUF.
-    from mappa_jax.models import hub, weights
-    tokenizer_dir = root / "tokenizer"
-    weights.load_tokenizer(hub.smollm2_gguf_path()).save_pretrained(tokenizer_dir)
-    (tokenizer_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
-
-    problems = root / "problems.jsonl"
-    problems.write_text("".join(
-        json.dumps({"id": f"p{i}", "problem": f"What is {i + 2} + {3 * i + 1}? [[score:{score}]]",
-                    "answer": str(4 * i + 3)}) + "\n" for i, score in enumerate(SCORES)))
-    config_file = root / "e2e_config.py"
-    config_file.write_text(f'''"""configs/tiny.py with scored problems and the loopback coach."""
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("tiny_config", {str(TINY_CONFIG)!r})
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
-
-
-def get_config():
-    c = _tiny.get_config()
-    c.model.tokenizer = {str(tokenizer_dir)!r}
-    c.data.train = {{"source": "math_files",
-                    "files": [{{"path": {str(problems)!r}, "task_type": "arithmetic"}}]}}
-    c.coach.backend = "openai"
-    c.coach.model = "loopback-coach"
-    c.coach.openai.base_url = {coach_server.url + "/v1"!r}
-    c.coach.openai.api_key_env = ""
-    return c
-''')
+    config_file = write_scored_tiny_config(root, coach_server.url, SCORES, "e2e_config.py")
     env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENVS and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
                # Later runs load the programs the first ones compiled (same executables).
