@@ -1,12 +1,12 @@
 """Mesh construction and a sharded forward pass on 8 forced CPU devices (in a subprocess, because
 the device count is fixed when jax initializes)."""
-import os
 import subprocess
 import sys
 import textwrap
 
 import jax
 import pytest
+from cpu_devices import cpu_devices_env
 from jax.sharding import PartitionSpec as P
 
 from mappa_jax import parallel
@@ -52,7 +52,7 @@ SHARDED_FORWARD = textwrap.dedent("""
 
 
 def run_on_cpu_devices(code: str, count: int = 8) -> str:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(count)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+from cpu_devices import cpu_devices_env
+
 SCRIPT = textwrap.dedent('''
     import json
     import numpy as np
@@ -69,8 +71,7 @@ SCRIPT = textwrap.dedent('''
 def test_sharded_update_equals_unsharded():
     # Eight host devices must be requested before JAX starts; the lower backend optimization level
     # halves compile time and applies to both the sharded and the unsharded program.
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8, "--xla_backend_optimization_level=0")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]

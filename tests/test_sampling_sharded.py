@@ -1,16 +1,15 @@
 """The sampler on a mesh of 8 forced CPU devices gives the same tokens as on one device.
 
-XLA_FLAGS must be set before jax is imported, so the check runs in a fresh subprocess: this file
+The device count is fixed when jax starts, so the check runs in a fresh subprocess: this file
 does not change the device count seen by the other tests of the same pytest process."""
 import os
 import subprocess
 import sys
 import textwrap
 
+from cpu_devices import cpu_devices_env
+
 CHILD = textwrap.dedent('''
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np
     from flax import nnx
     from mappa_jax.models.config import ModelConfig
@@ -54,7 +53,7 @@ CHILD = textwrap.dedent('''
 
 
 def test_sampler_on_8_devices_matches_single_device():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = cpu_devices_env(8)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=root,
                             timeout=600)

@@ -8,10 +8,13 @@ reshapes (a head split that does not divide evenly still compiles) and inserts t
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mappa_jax.parallel.cpu_runtime import cpu_pool_warning
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -42,6 +45,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh: axis sizes {sizes} use {math.prod(sizes.values())} of {len(devices)} devices")
     shape = tuple(sizes[a] for a in AXES)
+    local_cpu = sum(d.platform == "cpu" and d.process_index == jax.process_index() for d in devices)
+    if warning := cpu_pool_warning(local_cpu):
+        warnings.warn(warning, RuntimeWarning, stacklevel=2)
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
