@@ -171,6 +171,8 @@ class Trainer:
             memory_bytes=config.train.sandbox_memory_mb << 20)) if uses_python else None
 
         self.mesh = parallel.make_mesh(**config.mesh)
+        self._log(f"mesh: {dict(self.mesh.shape)} over {self.mesh.size} {jax.devices()[0].platform} devices "
+                  f"on {jax.process_count()} host(s)")
         shardings_fn = lambda state: parallel.param_shardings(self.mesh, state)
         self.model_cfg, self.base, self.tokenizer = load_model(config.model, config.seed, shardings_fn)
         m = config.model  # the update's graph may trade compute for memory; the params are the same

@@ -1,11 +1,11 @@
 """The training loop on several hosts (mappa_jax/train.py), end to end through its CLI.
 
 Two processes on this machine form one JAX cluster over loopback (run_local_cluster: CPU
-collectives via gloo, one CPU device each, one 2-device mesh whose batch axis spans both hosts) and
+collectives via gloo, 4 CPU devices each, one 8-device mesh whose batch axis spans both hosts) and
 run 2 training steps of configs/tiny.py with scored problems and the project's loopback coach
 server (each problem carries its coach score as a `[[score:N]]` marker, so rewards differ and the
 updates carry signal rather than normalisation noise). The reference is the same command as one
-process with one CPU device. Checked:
+process with 8 CPU devices. Checked:
 - the hosts end with identical parameters (the trainer compares every host's parameter shards
   at the end and prints "hosts agree"; it raises if any differs),
 - the final checkpoint equals the single-process run's, array by array (1e-5),
@@ -13,13 +13,8 @@ process with one CPU device. Checked:
   summed over hosts, equal the single-process run's; both hosts judged a share; the coach server
   received exactly the backend calls the ledgers report),
 - only process 0 wrote metrics (one row per step).
-
-Why not 4 devices per process against an 8-device process: on this 2-core machine, the trainer
-with several CPU devices in ONE process dies in XLA:CPU's in-process collectives (the rendezvous of
-the process's own device threads hits its fixed 40 s termination timeout: "Expected 8 threads to
-join the rendezvous, but only 6 of them arrived"; seen with 8, 4 and 2 devices, in the eager
-reductions of rl/pipeline.py's prepare_experiences). Gloo collectives between one-device processes
-do not rendezvous threads and pass.
+Several CPU devices in one process need XLA's thread pool sized for their collectives
+(mappa_jax/parallel/cpu_runtime.py; the trainer does it before JAX starts).
 """
 from __future__ import annotations
 
@@ -36,9 +31,13 @@ from scored_tiny import write_scored_tiny_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 2
 RUN_TIMEOUT_S = 480  # generous: the machine is shared with other jobs
-PROCESSES, DEVICES_PER_PROCESS = 2, 1
+PROCESSES, DEVICES_PER_PROCESS = 2, 4
 SCORES = (1, 9, 3, 7)  # the coach score of each training problem (2 steps x 2 problems)
-OVERRIDES = (f"--config.train.steps={STEPS}", "--config.logging.progress=False")
+DEVICES = PROCESSES * DEVICES_PER_PROCESS
+# Batches split over all 8 devices: one 8-row bucket for sampling and for the update.
+OVERRIDES = (f"--config.train.steps={STEPS}", "--config.logging.progress=False",
+             f"--config.sampler.batch_buckets=({DEVICES},)", f"--config.rl.train_batch_size={DEVICES}",
+             f"--config.rl.micro_batch_size={DEVICES}")
 
 
 def _command(config_file: pathlib.Path, workdir: pathlib.Path) -> list[str]:
@@ -64,7 +63,7 @@ def runs(tmp_path_factory):
     with FakeCoachServer(record_bodies=False) as server:
         config_file = write_scored_tiny_config(root, server.url, SCORES, "distributed_config.py")
         # One after the other: the machine has 2 cores.
-        env = {**_base_env(), "JAX_NUM_CPU_DEVICES": "1"}
+        env = {**_base_env(), "JAX_NUM_CPU_DEVICES": str(DEVICES)}
         done = subprocess.run(_command(config_file, single), cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=RUN_TIMEOUT_S)
         assert done.returncode == 0, f"single-process run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
@@ -100,6 +99,8 @@ def test_hosts_end_with_identical_params(runs):
     assert agree, "process 0 did not report the end-of-training parameter comparison:\n" + logs[0][-3000:]
     assert int(agree[-1].split()[2]) > 0  # shards compared
     assert "hosts agree" not in runs["single_log"]  # single process: no cross-host check, no collective
+    mesh = "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1} over 8 cpu devices on "
+    assert mesh + "2 host(s)" in logs[0] and mesh + "1 host(s)" in runs["single_log"]
 
 
 def test_final_checkpoint_equals_single_process_run(runs):
@@ -107,7 +108,7 @@ def test_final_checkpoint_equals_single_process_run(runs):
     assert single.keys() == multi.keys()
     lora_b = [k for k in single if "['params']" in k and k.endswith("_b']['value']")]
     assert lora_b and all(np.abs(single[k]).max() > 0 for k in lora_b), "the updates did not move the adapters"
-    # Not bit for bit: the 2-device mesh sums the batch gradient in two halves (5e-8 apart at most here).
+    # Not bit for bit: gloo and XLA:CPU's in-process all-reduce may sum the 8 shards in another order.
     for key in single:
         np.testing.assert_allclose(multi[key], single[key], rtol=0, atol=1e-5, err_msg=key)
     changed = [k for k in lora_b if not np.array_equal(multi[k], 0)]
