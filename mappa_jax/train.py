@@ -18,7 +18,6 @@ import math
 import os
 import pathlib
 import pickle
-import tempfile
 import time
 
 import jax
@@ -45,6 +44,7 @@ from mappa_jax.rl.pipeline import train_step
 from mappa_jax.rl.update import PolicyUpdater
 from mappa_jax.sampling import Sampler, SamplerConfig
 from mappa_jax.tools import Sandbox, SandboxConfig
+from mappa_jax.workdir import OutputMirror, is_remote, local_workdir
 from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, SamplerPolicy,
                                  topology_from_config)
 
@@ -81,16 +81,6 @@ def _resolve_source(source: str) -> str:
             raise FileNotFoundError(f"config key 'model.source': GGUF file {source} does not exist")
         return source
     return str(hub.resolve_model_dir(source))
-
-
-def local_workdir(workdir: str) -> pathlib.Path:
-    """Where the host-local outputs go (metrics, plots, TFDS data, episode workspaces): the workdir
-    itself, or for a remote one (gs://bucket/run) /tmp/mappa_jax/gs/bucket/run; only the checkpoints
-    are written to the remote workdir (through etils.epath, as orbax does)."""
-    if "://" not in workdir:
-        return pathlib.Path(workdir)
-    scheme, rest = workdir.split("://", 1)
-    return pathlib.Path(tempfile.gettempdir()) / "mappa_jax" / scheme / rest.strip("/")
 
 
 def _check_workdir(workdir: pathlib.Path) -> None:
@@ -152,6 +142,10 @@ class Trainer:
         _check_workdir(self.workdir)
         distributed.initialize(config)
         self.is_main = jax.process_index() == 0
+        # Remote workdir: results are mirrored locally and copied up after each checkpoint.
+        self.mirror = OutputMirror(self.workdir, config.workdir) if is_remote(config.workdir) and self.is_main else None
+        if self.mirror:
+            self.mirror.pull()
         self.topology = topology_from_config(config.topology)
         self.eval_topology = dataclasses.replace(self.topology, agents=tuple(
             dataclasses.replace(a, temperature=config.train.eval_temperature) for a in self.topology.agents))
@@ -249,6 +243,11 @@ class Trainer:
                 "coach_cache": encode_bytes(self.coach.export_cache()), "baseline_eval": self.baseline_eval,
                 "seed": self.config.seed}
         self.checkpointer.save(self.step, {name: p.state for name, p in self.policies.items()}, meta)
+        self.push_outputs()
+
+    def push_outputs(self) -> None:
+        if self.mirror:
+            self.mirror.push()
 
     # -- rollout ---------------------------------------------------------------------------------
     def rollout(self, tasks, step: int, *, evaluation: bool = False):
@@ -463,6 +462,7 @@ class Trainer:
                     state = merge_lora(self.model_cfg, self.base, nnx.merge(self.lora_graphdef, state))
                 out = weights.save_hf(self.model_cfg, state, self.workdir / "exports" / name, self.tokenizer)
                 self._log(f"exported policy {name!r} to {out}")
+        self.push_outputs()
 
     def _log(self, text: str) -> None:
         if self.is_main:

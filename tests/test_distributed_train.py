@@ -143,13 +143,3 @@ def test_only_process_zero_writes_outputs(runs):
     assert sorted(p.name for p in (multi / "workspaces").iterdir()) == ["host0", "host1"]
     assert "before training:" not in runs["multi_logs"][1]
 
-
-def test_remote_workdir_keeps_its_scheme():
-    """gs:// workdirs: checkpoints go to the remote path itself (pathlib would make it gs:/...),
-    the host-local outputs to a local mirror path."""
-    import tempfile
-    from etils import epath
-    from mappa_jax.train import local_workdir
-    assert str(epath.Path("gs://bucket/runs/a") / "checkpoints") == "gs://bucket/runs/a/checkpoints"
-    assert local_workdir("gs://bucket/runs/a/") == pathlib.Path(tempfile.gettempdir()) / "mappa_jax/gs/bucket/runs/a"
-    assert local_workdir("runs/tiny") == pathlib.Path("runs/tiny")
