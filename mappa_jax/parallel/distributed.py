@@ -369,6 +369,72 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+class LocalCluster:
+    """`num_processes` running copies of one command forming a JAX CPU cluster over loopback, each in
+    its own process group with its output in a file; `kill()` ends them all (a preemption)."""
+
+    def __init__(self, command: Sequence[str], num_processes: int = 2, devices_per_process: int = 4, *,
+                 env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None):
+        if num_processes < 1 or devices_per_process < 1:
+            raise ValueError(f"need num_processes >= 1 and devices_per_process >= 1, got "
+                             f"{num_processes}, {devices_per_process}")
+        self.command = list(command)
+        port = free_port()
+        self._logs = pathlib.Path(tempfile.mkdtemp(prefix="mappa_local_cluster_"))
+        self.procs: list[subprocess.Popen] = []
+        self._files = []
+        try:
+            for pid in range(num_processes):
+                out, err = open(self._logs / f"{pid}.out", "w+"), open(self._logs / f"{pid}.err", "w+")
+                self._files.append((out, err))
+                self.procs.append(subprocess.Popen(
+                    self.command, stdout=out, stderr=err, cwd=cwd, start_new_session=True,
+                    env=local_cluster_env(pid, num_processes, devices_per_process, port, env)))
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self, timeout_s: float) -> tuple[bool, bool]:
+        """Wait until all exit, one fails (the others would wait forever in a collective: they get
+        a second to print their view, then are killed) or `timeout_s` passes. (failed, timed_out)."""
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for p in self.procs):
+            if any(p.poll() not in (None, 0) for p in self.procs):
+                time.sleep(1.0)
+                return True, False
+            if time.monotonic() > deadline:
+                return False, True
+            time.sleep(0.05)
+        return any(p.returncode != 0 for p in self.procs), False
+
+    def kill(self) -> None:
+        for p in self.procs:
+            _kill(p)
+
+    def results(self) -> list[LocalProcessResult]:
+        """Every process's exit status (None while running) and output so far."""
+        results = []
+        for pid, (proc, (out, err)) in enumerate(zip(self.procs, self._files)):
+            out.seek(0), err.seek(0)
+            results.append(LocalProcessResult(pid, proc.poll(), out.read(), err.read()))
+        return results
+
+    def close(self) -> None:
+        """Kill what still runs and delete the output files."""
+        self.kill()
+        for out, err in self._files:
+            out.close(), err.close()
+        for path in self._logs.iterdir():
+            path.unlink()
+        self._logs.rmdir()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_local_cluster(command: Sequence[str], num_processes: int = 2, devices_per_process: int = 4, *,
                       timeout_s: float = 120.0, env: Mapping[str, str] | None = None,
                       cwd: str | os.PathLike | None = None, check: bool = True) -> list[LocalProcessResult]:
@@ -379,45 +445,10 @@ def run_local_cluster(command: Sequence[str], num_processes: int = 2, devices_pe
     collective) are killed; everything is killed at `timeout_s`. With `check`, any failure raises
     LocalClusterError carrying every process's output tail.
     """
-    if num_processes < 1 or devices_per_process < 1:
-        raise ValueError(f"need num_processes >= 1 and devices_per_process >= 1, got "
-                         f"{num_processes}, {devices_per_process}")
-    port = free_port()
-    logs = pathlib.Path(tempfile.mkdtemp(prefix="mappa_local_cluster_"))
-    procs, files = [], []
-    try:
-        for pid in range(num_processes):
-            out, err = open(logs / f"{pid}.out", "w+"), open(logs / f"{pid}.err", "w+")
-            files.append((out, err))
-            procs.append(subprocess.Popen(
-                list(command), stdout=out, stderr=err, cwd=cwd, start_new_session=True,
-                env=local_cluster_env(pid, num_processes, devices_per_process, port, env)))
-        deadline = time.monotonic() + timeout_s
-        failed = timed_out = False
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
-                failed = True
-                time.sleep(1.0)  # let the others print their own view of the failure
-                break
-            if time.monotonic() > deadline:
-                timed_out = True
-                break
-            time.sleep(0.05)
-        returncodes = [p.poll() for p in procs]
-        for p in procs:
-            _kill(p)
-        results = []
-        for pid, (out, err) in enumerate(files):
-            out.seek(0), err.seek(0)
-            results.append(LocalProcessResult(pid, returncodes[pid], out.read(), err.read()))
-    finally:
-        for p in procs:
-            _kill(p)
-        for out, err in files:
-            out.close(), err.close()
-        for path in logs.iterdir():
-            path.unlink()
-        logs.rmdir()
+    with LocalCluster(command, num_processes, devices_per_process, env=env, cwd=cwd) as cluster:
+        failed, timed_out = cluster.wait(timeout_s)
+        results = cluster.results()  # before the kill: a killed process reads as None
+        cluster.kill()
     if check and (failed or timed_out or any(r.returncode != 0 for r in results)):
         why = f"timed out after {timeout_s:.0f} s" if timed_out else "a process failed"
         tails = "\n".join(f"--- process {r.process_id} (exit {r.returncode}) ---\n{r.stdout[-2000:]}\n"
