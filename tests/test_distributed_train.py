@@ -23,6 +23,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def runs(tmp_path_factory):
     from mappa_jax.coach.testing import FakeCoachServer
     from mappa_jax.parallel.distributed import run_local_cluster
     root = tmp_path_factory.mktemp("distributed_train")
-    single, multi = root / "single", root / "multi"
+    single, multi, resumed = root / "single", root / "multi", root / "resumed"
     with FakeCoachServer(record_bodies=False) as server:
         config_file = write_scored_tiny_config(root, server.url, SCORES, "distributed_config.py")
         # One after the other: the machine has 2 cores.
@@ -72,8 +73,31 @@ def runs(tmp_path_factory):
                                     devices_per_process=DEVICES_PER_PROCESS,
                                     timeout_s=RUN_TIMEOUT_S, env=_base_env(), cwd=REPO)
         hits_multi = server.hits - hits_single
+        preempted = _preempt_during_step_2(config_file, resumed)
+        resumed_results = run_local_cluster(_command(config_file, resumed), num_processes=PROCESSES,
+                                            devices_per_process=DEVICES_PER_PROCESS,
+                                            timeout_s=RUN_TIMEOUT_S, env=_base_env(), cwd=REPO)
     return {"single": single, "multi": multi, "single_log": done.stdout + done.stderr,
-            "multi_logs": [r.stdout + r.stderr for r in results], "coach_hits_multi": hits_multi}
+            "multi_logs": [r.stdout + r.stderr for r in results], "coach_hits_multi": hits_multi,
+            "resumed": resumed, "preempted": preempted,
+            "resumed_logs": [r.stdout + r.stderr for r in resumed_results]}
+
+
+def _preempt_during_step_2(config_file: pathlib.Path, workdir: pathlib.Path) -> dict:
+    """Start the cluster, SIGKILL both processes once step 2's rollout has begun (checkpoint 1 is
+    complete by then), and report what the preemption left."""
+    from mappa_jax.parallel.distributed import LocalCluster
+    with LocalCluster(_command(config_file, workdir), PROCESSES, DEVICES_PER_PROCESS, env=_base_env(), cwd=REPO) as cluster:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (workdir / "workspaces" / "host0" / "step1").exists():
+            if any(p.poll() is not None for p in cluster.procs) or time.monotonic() > deadline:
+                logs = "\n".join(r.stdout[-2000:] + r.stderr[-3000:] for r in cluster.results())
+                pytest.fail(f"the cluster to preempt ended or stalled before step 2:\n{logs}")
+            time.sleep(0.05)
+        cluster.kill()
+        return {"checkpoints": sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()),
+                "metric_steps": [row["step"] for row in _metrics(workdir)],
+                "log": cluster.results()[0].stdout}
 
 
 def _metrics(workdir: pathlib.Path) -> list[dict]:
@@ -143,3 +167,22 @@ def test_only_process_zero_writes_outputs(runs):
     assert sorted(p.name for p in (multi / "workspaces").iterdir()) == ["host0", "host1"]
     assert "before training:" not in runs["multi_logs"][1]
 
+
+
+def test_preempted_cluster_resumes_to_the_uninterrupted_result(runs):
+    """Both hosts killed during step 2 (a preemption), then the same command again: it resumes
+    from checkpoint 1 and ends with exactly the uninterrupted cluster's parameters and metrics."""
+    preempted = runs["preempted"]
+    assert preempted["checkpoints"] == ["1"], "the kill did not land during step 2"
+    assert preempted["metric_steps"] == [0, 1] and "step 2/" not in preempted["log"]
+    log = runs["resumed_logs"][0]
+    assert f"resumed from {runs['resumed'] / 'checkpoints'} at step 1" in log
+    assert "hosts agree:" in log
+    uninterrupted, resumed = _checkpoint_arrays(runs["multi"], STEPS), _checkpoint_arrays(runs["resumed"], STEPS)
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        np.testing.assert_array_equal(resumed[key], uninterrupted[key], err_msg=key)
+    rows, reference = _metrics(runs["resumed"]), _metrics(runs["multi"])
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))  # no step logged twice
+    for key in (k for k in reference[-1] if k.startswith(("reward/", "actions/", "rl/loss"))):
+        assert rows[-1][key] == reference[-1][key], key
