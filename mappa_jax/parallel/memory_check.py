@@ -4,17 +4,20 @@ The estimate follows what the code keeps on each device:
 - resident for the whole run: every agent's weights (LoRA: one shared frozen base), the frozen
   reference (full finetuning: one copy per agent; LoRA: the base itself, free), LoRA adapters, and
   AdamW's two moments per trained parameter (optax keeps them in the parameter dtype);
-- while one agent updates: the gradient accumulator, one micro-batch's gradients and the optimizer's
-  updates (3 x the trained parameters), plus the activations the layer scan saves for the backward
-  pass (attention scores are materialized: they grow with the sequence length squared) and the
-  float32 logits;
+- while one agent updates (mappa_jax/rl/update.py): the gradient accumulator, one micro-batch's
+  gradients and the optimizer's updates (3 x the trained parameters), the activations the layer
+  scan saves for the backward pass (dense attention materializes [T, T] scores; `remat` keeps only
+  layer inputs; blockwise attention holds one [T, block] slab at a time), and the float32 logits of
+  at most `logits_chunk` generated positions (the trainer's head runs on the generation window only);
 - while one agent samples: its KV cache (batch split over data x fsdp, not over tensor) and the
-  prefill's prompt logits and attention scores.
+  prefill's attention scores (the sampler always uses dense attention) and last-position logits.
 Peak = resident + max(update, rollout). Parameter bytes are exact (the real sharding rules applied to
 shape-only parameters); activations are an estimate (XLA fuses some buffers and keeps others).
 
-`check_memory` raises InsufficientMemoryError naming the largest terms and the mesh / LoRA settings
-that would fit on the same devices.
+`check_memory` / `check_run` raise InsufficientMemoryError naming the largest terms and the mesh /
+LoRA settings that would fit; on CPU (host RAM shared by every device of the process, which swaps
+rather than fails) `check_run` returns the estimate with that message in `MemoryEstimate.problem`
+instead. `memory_table` prints the estimate for Qwen3-4B over common accelerators (README.md).
 """
 from __future__ import annotations
 
@@ -56,19 +59,27 @@ class Workload:
     rollout_rows: int = 8           # sequences decoded together (prompts x samples)
     rollout_prompt_len: int = 512
     rollout_new_tokens: int = 512
+    # Tokens whose logits the trainer computes: the generation window of the "split" Experience
+    # layout. None = the whole sequence (a trainer that scores every position).
+    train_generated_len: int | None = None
+    logits_chunk: int = 256         # positions whose logits exist at once (PolicyUpdater's logits_chunk)
     cache_dtype: str | None = None  # None: the model's compute dtype
-    # How the decoder trains; the defaults describe models/decoder.py as it is: the layer scan
-    # saves every activation (no rematerialization) and attention materializes [T, T] scores.
+    # How the update's decoder runs (config.model.train_remat / train_attention); the sampler
+    # always uses dense attention without remat.
     remat: bool = False             # True: the scan saves only each layer's input, recomputes the rest
-    flash_attention: bool = False   # True: a fused attention kernel, no [T, T] scores in memory
+    flash_attention: bool = False   # True: blockwise attention, no [T, T] scores in memory
+    attention_block: int = 512      # key slots per block of blockwise attention
 
     def __post_init__(self):
         for key in ("num_agents", "train_micro_batch", "train_seq_len", "rollout_rows",
-                    "rollout_prompt_len", "rollout_new_tokens"):
+                    "rollout_prompt_len", "rollout_new_tokens", "logits_chunk", "attention_block"):
             if int(getattr(self, key)) <= 0:
                 raise ValueError(f"memory workload: {key} must be positive, got {getattr(self, key)}")
         if self.lora_rank < 0:
             raise ValueError(f"memory workload: lora_rank must be >= 0, got {self.lora_rank}")
+        if self.train_generated_len is not None and not 0 < self.train_generated_len <= self.train_seq_len:
+            raise ValueError(f"memory workload: train_generated_len must be in [1, train_seq_len="
+                             f"{self.train_seq_len}], got {self.train_generated_len}")
 
     def replace(self, **changes) -> "Workload":
         return dataclasses.replace(self, **changes)
@@ -79,6 +90,9 @@ class MemoryEstimate:
     mesh: Mapping[str, int]
     lora_rank: int
     terms: Mapping[str, int]  # bytes per device
+    budget: int | None = None  # usable bytes per device, when checked against a device
+    # Why the run would not fit, when the check only warns (CPU); None = it fits or was not checked.
+    problem: str | None = None
 
     RESIDENT = ("weights", "reference", "adapters", "optimizer")
 
@@ -102,7 +116,8 @@ class MemoryEstimate:
         mesh = " ".join(f"{a}={self.mesh[a]}" for a in AXES)
         mode = f"LoRA rank {self.lora_rank}" if self.lora_rank else "full finetuning"
         terms = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(self.terms.items(), key=lambda kv: -kv[1]) if v)
-        return f"mesh {mesh}, {mode}: peak {_gib(self.peak)} per device ({terms})"
+        budget = "" if self.budget is None else f" of {_gib(self.budget)} usable"
+        return f"mesh {mesh}, {mode}: peak {_gib(self.peak)}{budget} per device ({terms})"
 
 
 def _gib(n: int) -> str:
@@ -172,10 +187,16 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
     scores = b * cfg.num_heads * seq * seq * (4 + dt) / heads_t      # float32 scores + probs
     per_layer += 0 if work.flash_attention else scores
     # The backward pass of a layer holds gradients of its saved activations next to them (+2
-    # layers); with remat the scan keeps only layer inputs and rebuilds one layer at a time.
-    saved = cfg.num_layers * tokens * h * dt + 3 * per_layer if work.remat else (cfg.num_layers + 2) * per_layer
-    activations = int(saved + 2 * tokens * h * dt)
-    logits = int(3 * tokens * v * 4 / vocab_t)  # logits, log-softmax, softmax (entropy / gradient)
+    # layers); with remat the scan keeps only layer inputs and rebuilds one layer at a time (its
+    # activations and their gradients: 2 layers).
+    saved = cfg.num_layers * tokens * h * dt + 2 * per_layer if work.remat else (cfg.num_layers + 2) * per_layer
+    # Blockwise attention's backward pass holds one key block's float32 probs, dprobs and dscores.
+    block = b * cfg.num_heads * seq * min(work.attention_block, seq) * 4 * 3 / heads_t
+    activations = int(saved + 2 * tokens * h * dt + (block if work.flash_attention else 0))
+    # Float32 logits and their gradient (XLA fuses log-softmax and softmax into them), only for the
+    # generation window, one chunk at a time (chunks are recomputed in the backward pass).
+    live = min(work.train_generated_len or seq, work.logits_chunk)
+    logits = int(2 * b * live * v * 4 / vocab_t)
     gradients = 3 * trained
 
     # Rollout: KV cache of prompt + generation slots, rows split over data x fsdp only.
@@ -184,9 +205,10 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
     prompt, slots = work.rollout_prompt_len, work.rollout_prompt_len + work.rollout_new_tokens
     per_slot = 2 * cfg.num_layers * rows * kv_width * cache_dt
     kv_cache = per_slot * slots
-    # Prefill: the prompt-length cache (before it grows), all prompt logits, one layer's scores.
-    prefill = int(per_slot * prompt + rows * prompt * v * 4 / vocab_t
-                  + (0 if work.flash_attention else rows * cfg.num_heads * prompt * prompt * (4 + dt) / heads_t))
+    # Prefill: the prompt-length cache (before it grows), one layer's dense scores, and the logits of
+    # each row's last position only.
+    prefill = int(per_slot * prompt + rows * cfg.num_heads * prompt * prompt * (4 + dt) / heads_t
+                  + rows * v * 4 / vocab_t)
 
     terms = {"weights": weights, "reference": reference, "adapters": adapters, "optimizer": optimizer,
              "gradients": gradients, "activations": activations, "logits": logits,
@@ -196,7 +218,8 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
 
 # ---- device memory -------------------------------------------------------------------------------
 def device_memory_bytes(device=None) -> int:
-    """Memory of one device: the runtime's limit (GPU/TPU), a known TPU size, or host RAM (CPU)."""
+    """Memory of one device: the runtime's limit (GPU/TPU), a known TPU size, or for a CPU device its
+    share of host RAM (all CPU devices of a process allocate from the same RAM)."""
     import jax
     device = device or jax.local_devices()[0]
     stats = None
@@ -211,7 +234,8 @@ def device_memory_bytes(device=None) -> int:
         if kind.startswith(name):
             return size
     if device.platform == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host // max(1, len(jax.local_devices(backend="cpu")))
     raise ValueError(f"cannot tell the memory of device kind {kind!r}; pass device_bytes explicitly")
 
 
@@ -254,12 +278,14 @@ def _overrides(est: MemoryEstimate, work: Workload) -> str:
 
 
 def check_memory(work: Workload, mesh_sizes: Mapping[str, int], device_bytes: int | None = None, *,
-                 num_devices: int | None = None, headroom: float = 0.9) -> MemoryEstimate:
-    """The estimate for this mesh; InsufficientMemoryError if its peak exceeds `headroom` of the
-    device memory, naming the largest terms and up to three settings that would fit."""
+                 num_devices: int | None = None, headroom: float = 0.9, enforce: bool = True) -> MemoryEstimate:
+    """The estimate for this mesh, checked against `headroom` of the device memory. Over budget, it
+    raises InsufficientMemoryError naming the largest terms and up to three settings that would fit
+    (enforce=True), or returns the estimate with that message as `problem` (enforce=False)."""
     est = estimate(work, mesh_sizes)
     device_bytes = device_memory_bytes() if device_bytes is None else int(device_bytes)
     budget = int(headroom * device_bytes)
+    est = dataclasses.replace(est, budget=budget)
     if est.peak <= budget:
         return est
     num_devices = num_devices or math.prod(est.mesh.values())
@@ -273,12 +299,15 @@ def check_memory(work: Workload, mesh_sizes: Mapping[str, int], device_bytes: in
     else:
         largest = max(est.terms, key=est.terms.get)
         hint = ""
-        if largest in ("activations", "prefill") and not (work.remat and work.flash_attention):
-            hint = " (rematerialization and a fused attention kernel would shrink it)"
+        if largest == "activations" and not (work.remat and work.flash_attention):
+            hint = " (--config.model.train_remat=True and --config.model.train_attention=blockwise shrink it)"
         lines.append(f"  no mesh of {num_devices} devices fits, with or without LoRA; the largest term is "
                      f"{largest} ({_gib(est.terms[largest])}){hint}: lower rl.micro_batch_size, the "
-                     "sequence or generation length, or the rollout rows, use bfloat16, or add devices.")
-    raise InsufficientMemoryError("\n".join(lines))
+                     "prompt or generation buckets, or the sampler's batch buckets, use bfloat16, or add devices.")
+    message = "\n".join(lines)
+    if enforce:
+        raise InsufficientMemoryError(message)
+    return dataclasses.replace(est, problem=message)
 
 
 # ---- from a run config ---------------------------------------------------------------------------
@@ -288,26 +317,105 @@ def _bucket(size: int, buckets) -> int:
 
 
 def workload_from_config(config, model: ModelConfig) -> Workload:
-    """The worst case a run config (mappa_jax/config.py layout) can reach: the largest training
-    length bucket, the largest sampler batch bucket, the longest prompt and generation buckets."""
+    """The worst case a run config (mappa_jax/config.py layout) can reach. The trainer pads actions
+    in the "split" layout (mappa_jax/train.py -> rl.experience.build_experience): the prompt to a
+    sampler prompt bucket, the generation to a sampler generation bucket, and computes logits on the
+    generation only. The longest prompt is the smaller of topology.max_prompt_tokens (0 = no limit)
+    and the largest prompt bucket; the longest generation is the largest agent max_new_tokens."""
     agents = config.topology.agents
     policies = {agents[name].policy for name in agents}
     new_tokens = max(int(agents[name].max_new_tokens) for name in agents)
-    prompt = int(config.topology.get("max_prompt_tokens", 0) or max(config.sampler.prompt_buckets))
+    prompt_limit = max(int(b) for b in config.sampler.prompt_buckets)
+    if int(config.topology.get("max_prompt_tokens", 0) or 0) > 0:
+        prompt_limit = min(prompt_limit, int(config.topology.max_prompt_tokens))
+    prompt = _bucket(prompt_limit, config.sampler.prompt_buckets)
+    generated = _bucket(new_tokens, config.sampler.generation_buckets)
     lora = config.policy.mode == "lora"
+    m = config.model
     return Workload(
         model=model, num_agents=len(policies), lora_rank=int(config.policy.lora_rank) if lora else 0,
         lora_targets=tuple(config.policy.lora_targets), train_micro_batch=int(config.rl.micro_batch_size),
-        train_seq_len=max(int(b) for b in config.rl.length_buckets),
+        train_seq_len=prompt + generated, train_generated_len=generated,
         rollout_rows=max(int(b) for b in config.sampler.batch_buckets),
-        rollout_prompt_len=_bucket(prompt, config.sampler.prompt_buckets),
-        rollout_new_tokens=_bucket(new_tokens, config.sampler.generation_buckets),
-        cache_dtype=config.sampler.get("cache_dtype") or config.sampler.get("compute_dtype") or None)
+        rollout_prompt_len=prompt, rollout_new_tokens=generated,
+        cache_dtype=config.sampler.get("cache_dtype") or config.sampler.get("compute_dtype") or None,
+        remat=bool(m.get("train_remat", model.remat)),
+        flash_attention=m.get("train_attention", model.attention_impl) == "blockwise",
+        attention_block=int(m.get("train_attention_block", model.attention_block_size)))
 
 
-def check_run(config, model: ModelConfig, mesh, device_bytes: int | None = None,
-              headroom: float = 0.9) -> MemoryEstimate:
-    """check_memory for a run config on a built mesh (call it before loading weights)."""
+def _first_device(mesh):
+    """A device of `mesh` in this process, or the first local device (an AbstractMesh has none)."""
+    import jax
+    if isinstance(mesh, jax.sharding.Mesh):
+        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        if local:
+            return local[0]
+    return jax.local_devices()[0]
+
+
+def check_run(config, model: ModelConfig, mesh, device_bytes: int | None = None, headroom: float = 0.9,
+              enforce: bool | None = None) -> MemoryEstimate:
+    """check_memory for a run config on a built mesh; call it before loading weights.
+
+    enforce: True raises InsufficientMemoryError when the run would not fit; False returns the
+    estimate with the same message in `.problem`. None (default) enforces on accelerators and only
+    warns on CPU, whose devices share host RAM and swap rather than fail."""
+    device = _first_device(mesh)
+    if enforce is None:
+        enforce = device.platform != "cpu"
     sizes = {a: int(mesh.shape[a]) for a in AXES}
-    return check_memory(workload_from_config(config, model), sizes, device_bytes,
-                        num_devices=math.prod(sizes.values()), headroom=headroom)
+    return check_memory(workload_from_config(config, model), sizes,
+                        device_memory_bytes(device) if device_bytes is None else device_bytes,
+                        num_devices=math.prod(sizes.values()), headroom=headroom, enforce=enforce)
+
+
+# ---- the README table: Qwen3-4B agents on common accelerators --------------------------------------
+def qwen3_4b_config() -> ModelConfig:
+    """Qwen3-4B's architecture (hidden 2560, 36 layers, 32/8 heads of 128, vocab 151936, tied), bf16."""
+    return ModelConfig(family="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                       num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+                       tie_word_embeddings=True, qk_norm=True, max_position_embeddings=40960,
+                       param_dtype="bfloat16", dtype="bfloat16")
+
+
+# (name, per-device memory, mesh); a v5p-8 slice has 4 chips, a v5e-8 has 8. Parameters are
+# sharded over all devices (fsdp), the layout that fits the most.
+HARDWARE = (("TPU v5e-8", 16 * GiB, {"data": 1, "fsdp": 8, "tensor": 1}),
+            ("TPU v5p-8 (4 chips)", 95 * GiB, {"data": 1, "fsdp": 4, "tensor": 1}),
+            ("1 x GPU 80 GiB", 80 * GiB, {"data": 1, "fsdp": 1, "tensor": 1}),
+            ("2 x GPU 80 GiB", 80 * GiB, {"data": 1, "fsdp": 2, "tensor": 1}),
+            ("4 x GPU 80 GiB", 80 * GiB, {"data": 1, "fsdp": 4, "tensor": 1}),
+            ("8 x GPU 80 GiB", 80 * GiB, {"data": 1, "fsdp": 8, "tensor": 1}))
+
+
+def table_workload(model: ModelConfig | None = None, num_agents: int = 3) -> Workload:
+    """MathChat at MAPPA's scale: 4096-token prompts, 1024 generated tokens (the trainer's
+    sequences are 5120 tokens, logits over the last 1024), 64 rows decoded together."""
+    return Workload(model or qwen3_4b_config(), num_agents=num_agents, train_seq_len=4096 + 1024,
+                    train_generated_len=1024, rollout_rows=64, rollout_prompt_len=4096, rollout_new_tokens=1024)
+
+
+def memory_table(work: Workload | None = None, hardware=HARDWARE, lora_rank: int = 64, headroom: float = 0.9) -> str:
+    """A Markdown table of GiB per device for every hardware entry, full finetuning and LoRA, with the
+    decoder as configured in `work` and with remat + blockwise attention. A micro-batch is one
+    sequence per batch shard; "fits" compares the peak with `headroom` of the device memory."""
+    work = work or table_workload()
+    rows = ["| hardware | mode | resident | update | rollout | peak | peak, remat + blockwise | memory | fits |",
+            "|" + "---|" * 9]
+    gib = lambda n: f"{n / GiB:.1f}"
+    for name, device_bytes, mesh in hardware:
+        shards = mesh["data"] * mesh["fsdp"]
+        for mode, rank in (("full", 0), ("LoRA", lora_rank)):
+            w = work.replace(lora_rank=rank, train_micro_batch=shards)
+            plain = estimate(w, mesh)
+            fused = estimate(w.replace(remat=True, flash_attention=True), mesh)
+            budget = headroom * device_bytes
+            fits = ("yes" if plain.peak <= budget else "with remat + blockwise" if fused.peak <= budget else "no")
+            rows.append(f"| {name} | {mode} | {gib(plain.resident)} | {gib(plain.update)} | {gib(plain.rollout)} | "
+                        f"{gib(plain.peak)} | {gib(fused.peak)} | {gib(device_bytes)} | {fits} |")
+    return "\n".join(rows)
+
+
+def print_memory_table(work: Workload | None = None, **kwargs) -> None:
+    print(memory_table(work, **kwargs))

@@ -2,8 +2,8 @@
 
 Read top to bottom: kl.py (KL estimators) -> advantages.py (token rewards, returns,
 normalization) -> losses.py (PPO-clip, aggregations) -> experience.py (padded batches) ->
-update.py (the compiled per-agent update) -> pipeline.py (one training step for all agents);
-memory.py estimates bytes per device.
+update.py (the compiled per-agent update) -> pipeline.py (one training step for all agents).
+Bytes per device: mappa_jax/parallel/memory_check.py.
 """
 from mappa_jax.rl.advantages import (ADVANTAGE_SCOPES, discounted_returns, normalize_advantages,
                                      segment_normalize, token_rewards)
@@ -11,7 +11,6 @@ from mappa_jax.rl.config import RLConfig
 from mappa_jax.rl.experience import Experience, Sample, build_experience, sample_counts
 from mappa_jax.rl.kl import KL_ESTIMATORS, token_kl
 from mappa_jax.rl.losses import LOSS_AGGREGATIONS, POLICY_LOSSES, aggregate, step_counts, token_entropy
-from mappa_jax.rl.memory import estimate_memory, memory_table, print_memory_table
 from mappa_jax.rl.optim import learning_rate_schedule, make_optimizer
 from mappa_jax.rl.pipeline import prepare_experiences, reinforce_returns, train_step
 from mappa_jax.rl.update import AgentPolicy, PolicyUpdater, TrainState
@@ -19,7 +18,7 @@ from mappa_jax.rl.update import AgentPolicy, PolicyUpdater, TrainState
 __all__ = [
     "ADVANTAGE_SCOPES", "AgentPolicy", "Experience", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES",
     "PolicyUpdater", "RLConfig", "Sample", "TrainState", "aggregate", "build_experience", "discounted_returns",
-    "estimate_memory", "learning_rate_schedule", "make_optimizer", "memory_table", "normalize_advantages",
-    "prepare_experiences", "print_memory_table", "reinforce_returns", "sample_counts", "segment_normalize",
-    "step_counts", "token_entropy", "token_kl", "token_rewards", "train_step",
+    "learning_rate_schedule", "make_optimizer", "normalize_advantages", "prepare_experiences",
+    "reinforce_returns", "sample_counts", "segment_normalize", "step_counts", "token_entropy", "token_kl",
+    "token_rewards", "train_step",
 ]
