@@ -260,11 +260,17 @@ class Trainer:
         tag = f"eval{step}" if evaluation else f"step{step}"
         hosts = distributed.process_count()
         workspaces = self.workdir / "workspaces" / (f"host{jax.process_index()}" if hosts > 1 else "") / tag
-        on_action = handoff if hosts == 1 else _OwnedActions(handoff, _episode_ids(tasks, samples, f"{tag}/"))
+        on_action, decide, decider = handoff, None, None
+        if hosts > 1:  # each episode's coach calls, code runs and timeouts happen on its owner host
+            episode_ids = _episode_ids(tasks, samples, f"{tag}/")
+            on_action = _OwnedActions(handoff, episode_ids)
+            owner = {eid: host for host in range(hosts) for eid in distributed.host_shard(episode_ids, host, hosts)}
+            decider = distributed.OwnerDecides(f"mappa/rollout/{tag}")
+            decide = lambda eid, key, compute: decider.decide(owner[eid], f"{eid}/{key}", compute)
         policy = ReportingPolicy(self.policy, self.is_main and c.logging.progress)
         runner = EpisodeRunner(topology, policy, self.chat, sandbox=self.sandbox,
                                workspace_root=workspaces, on_action=on_action,
-                               episode_timeout_s=c.train.episode_timeout_s)
+                               episode_timeout_s=c.train.episode_timeout_s, decide=decide)
         seed = (c.seed * 1_000_003 + step * 2 + int(evaluation)) % (2 ** 31)
 
         async def run():
@@ -278,19 +284,28 @@ class Trainer:
         timing = {"time/rollout_s": rollout_s, "time/coach_wait_s": coach_wait_s}
         if hosts == 1:
             return result, verdicts, None, timing
-        return (*self._merge_hosts(tasks, result, verdicts, on_action.digests), timing)
+        try:
+            return (*self._merge_hosts(tasks, result, verdicts, on_action), timing)
+        finally:
+            decider.clear()  # every host has read the records: the merge's collectives came first
+            decider.close()
 
-    def _merge_hosts(self, tasks, result, verdicts, digests):
+    def _merge_hosts(self, tasks, result, verdicts, owned: _OwnedActions):
         """Multi-host: every host ran every episode (each feeds its own devices in every sampler
-        call), but process 0's episodes and outcomes are what every host trains on, so a tool run
-        that went differently on one host (e.g. a timeout under load) cannot make the updates
-        differ. Each action was judged once, by its episode's owner host; the verdicts are
-        exchanged, and one judged on an action that differs from process 0's counts as a failed
-        judgement (masked). Collectives, in the same order on every host."""
+        call) with the code runs and timeouts of each episode settled by its owner host, so the
+        hosts' episodes agree. Still, process 0's episodes are what every host trains on, and each
+        episode's outcome is scored by its owner (whose workspace holds the submission). Each
+        action was judged once, by its owner; the verdicts are exchanged, and one judged on an
+        action that differs from process 0's counts as a failed judgement (masked). Collectives,
+        in the same order on every host."""
         by_id = {t.task_id: t for t in tasks}
-        outcomes = {e.episode_id: self.outcome(by_id[e.task_id], e) for e in result.episodes}
+        outcomes = {}
+        for host_outcomes in distributed.gather_from_hosts([{
+                e.episode_id: self.outcome(by_id[e.task_id], e) for e in result.episodes if e.episode_id in owned.owned}]):
+            outcomes.update(host_outcomes)
+        digests = owned.digests
         result.remove_workspaces()  # submissions are scored; the paths mean nothing on other hosts
-        result, outcomes = distributed.broadcast_from_host0((result, outcomes))
+        result = distributed.broadcast_from_host0(result)
         judged = {key: (verdict, digest) for key, verdict, digest in distributed.gather_from_hosts(
             [(key, verdict, digests[key]) for key, verdict in verdicts.items()])}
         merged = {}

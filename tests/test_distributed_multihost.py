@@ -51,6 +51,7 @@ def _worker() -> None:
     done = [{"item": item, "host": pid, "note": "x" * (100 * (pid + 1))} for item in local]
     gathered = distributed.gather_from_hosts(done)
     seed = distributed.broadcast_from_host0(1234 + pid)
+    decided, computed = _owner_decides(distributed, pid)
 
     # Device work: each host contributes its rows of the batch; weights come from one shared key.
     rng = np.random.default_rng(0)
@@ -73,8 +74,42 @@ def _worker() -> None:
         "y": np.asarray(y).tolist(), "y_bytes": np.asarray(y).tobytes().hex(),
         "reference": np.tanh(x_full @ w_host).sum(axis=1).tolist(),
         "fetched_ok": bool(np.allclose(fetched, x_full @ w_host, rtol=1e-5, atol=1e-5)),
-        "fetched_shape": list(fetched.shape),
+        "fetched_shape": list(fetched.shape), "decided": decided, "computed": computed,
         "seconds": time.monotonic() - start}), flush=True)
+
+
+def _owner_decides(distributed, pid: int) -> tuple[list, list]:
+    """Six results whose local values differ per host (random draws), owned alternately, asked
+    for in opposite orders on the two hosts, one of them raising."""
+    import asyncio
+    import random
+    computed = []
+
+    async def draw(key):
+        computed.append(key)
+        await asyncio.sleep(0.01 * random.random())
+        if key == "k3":
+            raise ValueError(f"failed on host {pid}")
+        return [pid, random.random()]
+
+    async def settle(key, owner):
+        try:
+            return await decider.decide(owner, key, lambda: draw(key))
+        except ValueError as err:
+            return f"raised: {err}"
+
+    async def main():
+        keys = [f"k{i}" for i in range(6)]
+        order = keys if pid == 0 else keys[::-1]
+        results = dict(zip(order, await asyncio.gather(*(settle(k, int(k[1]) % 2) for k in order))))
+        return [results[k] for k in keys]
+
+    decider = distributed.OwnerDecides("test/owner_decides")
+    decided = asyncio.run(main())
+    distributed.sync_hosts("owner_decides_read")  # both have read before the records go
+    decider.clear()
+    decider.close()
+    return decided, sorted(computed)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +154,14 @@ def test_sharded_computation_matches_numpy_and_is_identical_on_both_hosts(two_ho
     assert two_hosts[0]["y_bytes"] == two_hosts[1]["y_bytes"]
     np.testing.assert_allclose(two_hosts[0]["y"], two_hosts[0]["reference"], rtol=1e-5, atol=1e-5)
     assert max(r["seconds"] for r in two_hosts) < 60
+
+
+def test_owner_decides_shares_each_owners_result_computed_once(two_hosts):
+    first, second = (r["decided"] for r in two_hosts)
+    assert first == second  # the same values on both hosts, though each host's draws differ
+    assert [first[i][0] for i in (0, 1, 2, 4, 5)] == [0, 1, 0, 0, 1]  # each key's owner computed it
+    assert first[3] == "raised: failed on host 1"  # the owner's exception, raised on both hosts
+    assert two_hosts[0]["computed"] == ["k0", "k2", "k4"] and two_hosts[1]["computed"] == ["k1", "k3", "k5"]
 
 
 def test_a_failing_process_stops_the_cluster_quickly():

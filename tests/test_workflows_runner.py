@@ -331,3 +331,76 @@ def test_prompt_over_limit_fails_only_its_episode(tokenizer, sandbox, tmp_path):
     assert ok.actions[1].last_turn and ok.actions[1].tool is None  # no code: one turn only
     result.remove_workspaces()
     assert not os.path.exists(ok.workspace_dir)
+
+
+class _CountingSandbox:
+    """The real sandbox, counting the code runs that reach it."""
+
+    def __init__(self, sandbox):
+        self.sandbox, self.runs = sandbox, 0
+
+    async def run_cells(self, cells, workspace):
+        self.runs += 1
+        return await self.sandbox.run_cells(cells, workspace)
+
+
+def _owner_decisions(owner_of: dict[str, int]):
+    """Two simulated hosts in one event loop (mappa_jax.parallel.distributed.OwnerDecides across
+    processes): the owner of an episode computes, the other host awaits the owner's result."""
+    records: dict[str, asyncio.Future] = {}
+
+    def for_host(host):
+        async def decide(episode_id, key, compute):
+            record = records.setdefault(f"{episode_id}/{key}", asyncio.get_running_loop().create_future())
+            if owner_of[episode_id] != host:
+                return await record
+            try:
+                value = await compute()
+            except Exception as err:
+                record.set_exception(err)
+                raise
+            record.set_result(value)
+            return value
+        return decide
+    return [for_host(0), for_host(1)]
+
+
+def test_two_hosts_share_each_code_run_of_its_owner(tokenizer, sandbox, tmp_path):
+    """Model-written code whose output differs per run (a random draw) would give two hosts
+    different prompts, and so different sampler inputs; with the owner's code run shared, each
+    code runs once and both hosts record the same actions."""
+    tasks = arithmetic_tasks(2, seed=7)
+    draw = "```python\nimport random\nopen('draw.txt', 'w').write('x')\nprint(random.random())\n```"
+
+    def reads_output(text):
+        return "The draw was " + re.findall(r"Output:\n(\S+)", text)[-1] + "."
+
+    def script():
+        return {"problem_solver": ["It is \\boxed{3}."], "code_executor": [draw, reads_output],
+                "verifier": ["Final answer: \\boxed{3}"]}
+
+    topo = topology_from_config(mathchat_config())
+    episode_ids = [f"{t.task_id}#{k}" for t in tasks for k in (0, 1)]
+    owner_of = {eid: int(i >= 2) for i, eid in enumerate(episode_ids)}
+
+    def run_two_hosts(decisions, tag):
+        counting = _CountingSandbox(sandbox)
+        runners = [EpisodeRunner(topo, ScriptedPolicy(tokenizer, script()), ChatFormat(tokenizer),
+                                 sandbox=counting, workspace_root=tmp_path / tag / f"host{h}",
+                                 decide=decisions[h]) for h in (0, 1)]
+
+        async def go():
+            return await asyncio.gather(*(r.run(tasks, samples_per_task=2, seed=1) for r in runners))
+        results = asyncio.run(go())
+        seen = [[(a.prompt_ids, a.generated_ids, a.tool, a.files_after) for e in r.episodes for a in e.actions]
+                for r in results]
+        assert all(not e.failed for r in results for e in r.episodes)
+        return counting.runs, seen
+
+    runs, (host0, host1) = run_two_hosts(_owner_decisions(owner_of), "shared")
+    assert runs == 4  # one code run per episode, on its owner only
+    assert host0 == host1 and len(host0) == 4 * 4
+    # From the code run on, every action lists the owner's file, on both hosts.
+    assert [("draw.txt" in files) for *_, files in host0] == [False, True, True, True] * 4
+    runs, (host0, host1) = run_two_hosts([None, None], "independent")
+    assert runs == 8 and host0 != host1  # each host ran the code itself: the draws differ

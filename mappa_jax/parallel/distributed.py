@@ -318,6 +318,78 @@ def broadcast_from_host0(obj: Any) -> Any:
     return pickle.loads(data.tobytes())
 
 
+class OwnerDecides:
+    """Host-side work whose result every host must share, done once by the owning host.
+
+    `await decide(owner, key, compute)`: the host whose index is `owner` awaits `compute()` and
+    publishes what it returned or raised in the coordination service's key-value store; the other
+    hosts wait for that record (in a thread, so their event loops go on) and return or raise the
+    same. No collective: hosts may ask in any order, at any time. Used for sandboxed tool runs and
+    wall-clock timeouts of episodes, whose local results could differ between hosts (random numbers
+    or timings printed by model-written code, a timeout under load) and so make hosts' prompts, and
+    then their sampler inputs, diverge. `clear()` deletes this host's records once every host has
+    read them (after a collective). On one process `decide` just awaits `compute()`.
+    """
+
+    def __init__(self, namespace: str, wait_s: float = 3600.0, max_waiting: int = 64):
+        self.namespace = namespace.strip("/")
+        self.wait_s = wait_s
+        self.client = _coordination_client() if process_count() > 1 else None
+        self.index = process_index()
+        self._published: list[str] = []
+        self._waiters = None
+        if self.client is not None:
+            import concurrent.futures
+            self._waiters = concurrent.futures.ThreadPoolExecutor(max_waiting, thread_name_prefix="owner-decides")
+
+    async def decide(self, owner: int, key: str, compute):
+        if self.client is None:
+            return await compute()
+        full_key = f"{self.namespace}/{key}"
+        if owner == self.index:
+            try:
+                value = await compute()
+            except Exception as err:  # noqa: BLE001 - the other hosts must raise the same
+                self._publish(full_key, ("raise", err))
+                raise
+            self._publish(full_key, ("return", value))
+            return value
+        import asyncio
+        try:
+            payload = await asyncio.get_running_loop().run_in_executor(
+                self._waiters, self.client.blocking_key_value_get_bytes, full_key, int(self.wait_s * 1000))
+        except Exception as err:  # the owner died or is stuck: nothing consistent is possible
+            raise RuntimeError(f"host {self.index} waited {self.wait_s:.0f} s for host {owner}'s result "
+                               f"{full_key!r}: {err}") from err
+        kind, value = pickle.loads(payload)
+        if kind == "raise":
+            raise value
+        return value
+
+    def _publish(self, full_key: str, record) -> None:
+        self.client.key_value_set_bytes(full_key, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+        self._published.append(full_key)
+
+    def clear(self) -> None:
+        """Delete this host's records; call when every host has read them (e.g. after a collective)."""
+        for key in self._published:
+            self.client.key_value_delete(key)
+        self._published.clear()
+
+    def close(self) -> None:
+        if self._waiters is not None:
+            self._waiters.shutdown(wait=False, cancel_futures=True)
+
+
+def _coordination_client():
+    """The jax.distributed coordination service client (orbax reaches it the same way)."""
+    from jax._src import distributed as jax_distributed
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("several processes but no jax.distributed client: call initialize() first")
+    return client
+
+
 def sync_hosts(name: str) -> None:
     """Block until every process reaches the barrier `name` (e.g. before deleting a checkpoint)."""
     if process_count() > 1:

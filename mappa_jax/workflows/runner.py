@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from mappa_jax.coach.prompts import truncate_middle
 from mappa_jax.data.latex import last_boxed
@@ -78,6 +78,9 @@ class _Episode:
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
     messages: list[dict] = dataclasses.field(default_factory=list)
     agent_active: bool = False
+    # The workspace's files as of the last code run (only code runs change them): what prompts and
+    # actions show, the same on every host even where another host ran the code.
+    files: tuple[str, ...] = ()
 
     @property
     def live(self) -> bool:
@@ -95,6 +98,10 @@ class EpisodeRunner:
     on_action(action): called once per finished action, never awaited (hand it to the coach).
     episode_timeout_s: an episode still running after this long fails. tool_timeout_s: host-side
     bound on one code run (the sandbox has its own limit; this guards against a hung sandbox).
+    decide(episode_id, key, compute): how steps whose result could differ between two runs of the
+    same episode (a code run, a wall-clock timeout) are settled; None awaits compute() here.
+    Multi-host training passes the owning host's result to every host
+    (mappa_jax.parallel.distributed.OwnerDecides), so all hosts build the same prompts.
     """
 
     def __init__(self, topology: Topology, policy: Policy, chat: ChatFormat, *,
@@ -102,7 +109,8 @@ class EpisodeRunner:
                  make_workspace: Callable[[str, Any], Any] | None = None,
                  extract_cells: Callable[[str], list[str]] = extract_code_cells,
                  on_action: Callable[[Action], Any] | None = None,
-                 episode_timeout_s: float | None = None, tool_timeout_s: float | None = None):
+                 episode_timeout_s: float | None = None, tool_timeout_s: float | None = None,
+                 decide: Callable[[str, str, Callable[[], Awaitable[Any]]], Awaitable[Any]] | None = None):
         uses_python = [spec.name for spec in topology.agents if spec.uses_python]
         if uses_python and sandbox is None:
             raise ValueError(f"agents {uses_python} of topology {topology.name!r} run Python: "
@@ -125,6 +133,7 @@ class EpisodeRunner:
         self.on_action = on_action
         self.episode_timeout_s = episode_timeout_s
         self.tool_timeout_s = tool_timeout_s
+        self._decide = decide or (lambda episode_id, key, compute: compute())
         # A prompt the sampler cannot take would fail the whole batched call: fail its episode first.
         limits = [n for n in (topology.max_prompt_tokens, getattr(policy, "max_prompt_tokens", None))
                   if n]
@@ -167,8 +176,7 @@ class EpisodeRunner:
                     self._guard(episode, self._start_agent, episode, spec)
             for turn in range(spec.max_turns):
                 active = [e for e in episodes if e.live and e.agent_active]
-                for episode in active:
-                    self._guard(episode, self._check_before_turn, episode, spec, turn)
+                await asyncio.gather(*(self._check_before_turn(e, spec, turn) for e in active))
                 active = [e for e in active if e.live]
                 if not active:
                     break
@@ -192,6 +200,7 @@ class EpisodeRunner:
             def create():
                 episode.workspace = self.make_workspace(episode_id, task)
                 result.workspace_dir = str(_workspace_dir(episode.workspace))
+                episode.files = tuple(list_files(result.workspace_dir))
             self._guard(episode, create)
         return episode
 
@@ -218,11 +227,28 @@ class EpisodeRunner:
         episode.messages = messages
         episode.agent_active = True
 
-    def _check_before_turn(self, episode: _Episode, spec: AgentSpec, turn: int) -> None:
-        elapsed = time.perf_counter() - episode.started
-        if self.episode_timeout_s is not None and elapsed > self.episode_timeout_s:
+    async def _check_before_turn(self, episode: _Episode, spec: AgentSpec, turn: int) -> None:
+        """Fails the episode (never raises) if it ran out of time or its prompt is too long."""
+        try:
+            await self._check_time_left(episode, spec, turn)
+            self._check_prompt_length(episode, spec, turn)
+        except Exception as err:  # noqa: BLE001 - one episode's failure must not stop the batch
+            self._fail(episode, err)
+
+    async def _check_time_left(self, episode: _Episode, spec: AgentSpec, turn: int) -> None:
+        if self.episode_timeout_s is None:
+            return
+
+        async def overdue():
+            elapsed = time.perf_counter() - episode.started
+            return elapsed if elapsed > self.episode_timeout_s else None
+
+        elapsed = await self._decide(episode.result.episode_id, f"{spec.name}/{turn}/overdue", overdue)
+        if elapsed is not None:
             raise EpisodeFailure(f"episode timed out after {elapsed:.1f}s (episode_timeout_s="
                                  f"{self.episode_timeout_s}) before {spec.name} turn {turn}")
+
+    def _check_prompt_length(self, episode: _Episode, spec: AgentSpec, turn: int) -> None:
         limit = self.max_prompt_tokens
         if limit and len(episode.prompt_ids) > limit:
             raise EpisodeFailure(f"{spec.name} turn {turn}: prompt of {len(episode.prompt_ids)} "
@@ -251,7 +277,7 @@ class EpisodeRunner:
         if upstream:
             parts.append("# Work of the agents before you\n\n" + "\n\n".join(upstream))
         if spec.uses_python and episode.workspace is not None:
-            files = list_files(str(_workspace_dir(episode.workspace)))
+            files = episode.files
             parts.append("Files in the working directory: " + (", ".join(files) if files else "none"))
         return "\n\n".join(parts)
 
@@ -272,13 +298,12 @@ class EpisodeRunner:
             tool = None
             cells = self.extract_cells(gen.text) if spec.uses_python else []
             if cells:
-                tool = await self._run_code(episode, spec, turn, cells)
+                tool = await self._decide(episode.result.episode_id, f"{spec.name}/{turn}/code",
+                                          lambda: self._run_code(episode, spec, turn, cells))
+                episode.files = tool.files_present
             # Another turn only when code ran, the turn ended properly and turns remain.
             last_turn = tool is None or gen.truncated or turn + 1 >= spec.max_turns
-            files_after = ()
-            if episode.workspace is not None:
-                files_after = tool.files_present if tool else tuple(
-                    list_files(_workspace_dir(episode.workspace)))
+            files_after = episode.files if episode.workspace is not None else ()
             action = Action(
                 episode_id=episode.result.episode_id, task_id=episode.result.task_id,
                 agent=spec.name, policy=spec.policy, turn=turn,
