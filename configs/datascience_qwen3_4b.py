@@ -23,7 +23,6 @@ def get_config():
     c.topology.max_prompt_tokens = 24576
     c.sampler.generation_buckets = (16384,)
     c.sampler.batch_buckets = (32, 64)
-    c.rl.length_buckets = (8192, 16384, 28672, 40960)
 
     c.data.train = {"source": "dsbench", "tasks_root": "data/dsbench/train", "answers_root": "data/dsbench/answers"}
     c.data.eval = {"source": "dsbench", "tasks_root": "data/dsbench/heldout", "answers_root": "data/dsbench/answers"}

@@ -46,7 +46,6 @@ def get_config():
     c.rl.train_batch_size = 8
     c.rl.micro_batch_size = 4
     c.rl.old_logprobs = "sampler"   # the behaviour policy is what sampled; the trainer gap is still logged
-    c.rl.length_buckets = (384, 512, 640, 768)  # prompt + generation buckets (memory estimate)
 
     c.train.steps = 4
     c.train.tasks_per_step = 4

@@ -37,7 +37,6 @@ def get_config():
     c.rl.train_batch_size = 4
     c.rl.micro_batch_size = 4
     c.rl.old_logprobs = "sampler"   # the behaviour policy is what sampled; the trainer gap is still logged
-    c.rl.length_buckets = (272,)    # prompt + generation
 
     c.train.steps = 3
     c.train.tasks_per_step = 2

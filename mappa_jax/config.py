@@ -62,6 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # The pre-run memory check (parallel/memory_check.py): "auto" stops a run that would not fit
+    # on accelerators and only warns on CPU (host RAM is shared and swaps); "raise" / "warn" force one.
+    c.mesh.memory_check = "auto"
+    c.mesh.device_memory_gib = 0.0  # memory of one device; 0 = what the runtime reports
     c.distributed = distributed_config()  # multi-host initialisation (see parallel/distributed.py)
 
     # --- the sampler (static shapes: every call snaps to these buckets) ------------------------
@@ -99,7 +103,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict(
         {f: getattr(RLConfig(), f) for f in RLConfig.__dataclass_fields__})
     c.rl.total_optimizer_steps = 0  # 0 = derived from train.steps and the batch sizes
-    c.rl.length_buckets = (512, 1024, 2048, 4096, 8192, 16384, 28672)  # prompt + generation tokens
 
     # --- the loop ---------------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
@@ -147,13 +150,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_coach(config.coach)
     try:
         topology = topology_from_config(config.topology)
-        RLConfig.from_dict({k: v for k, v in config.rl.to_dict().items() if k != "length_buckets"}
-                           | {"total_optimizer_steps": max(1, config.rl.total_optimizer_steps)})
+        RLConfig.from_dict(config.rl.to_dict() | {"total_optimizer_steps": max(1, config.rl.total_optimizer_steps)})
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if config.model.train_attention not in ("dense", "blockwise"):
         raise ConfigError(f"config key 'model.train_attention' must be 'dense' or 'blockwise', "
                           f"got {config.model.train_attention!r}")
+    if config.mesh.memory_check not in ("auto", "raise", "warn"):
+        raise ConfigError("config key 'mesh.memory_check' must be 'auto', 'raise' or 'warn', "
+                          f"got {config.mesh.memory_check!r}")
     if config.policy.mode not in ("lora", "full"):
         raise ConfigError(f"config key 'policy.mode' must be 'lora' or 'full', got {config.policy.mode!r}")
     for key in ("steps", "tasks_per_step", "samples_per_task", "eval_samples", "checkpoint_every",

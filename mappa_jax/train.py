@@ -37,7 +37,7 @@ from mappa_jax.models import hub, weights
 from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.decoder import Decoder
 from mappa_jax.models.lora import LoraAdapters, merge_lora
-from mappa_jax.parallel import distributed
+from mappa_jax.parallel import distributed, memory_check
 from mappa_jax.rl.config import RLConfig
 from mappa_jax.rl.experience import Sample, build_experience, sample_counts
 from mappa_jax.rl.pipeline import train_step
@@ -50,24 +50,30 @@ from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, Sample
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def load_model(model_config, seed: int, shardings_fn=None):
-    """(ModelConfig, params state, tokenizer) for `config.model` (see mappa_jax/config.py)."""
+def load_model(model_config, seed: int, shardings_fn=None, before_weights=None):
+    """(ModelConfig, params state, tokenizer) for `config.model` (see mappa_jax/config.py).
+    before_weights(cfg) runs once the architecture is known, before any weight is read or made."""
     source = model_config.source
     dtypes = dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype)
+    before_weights = before_weights or (lambda cfg: None)
     if source.startswith("random:"):
         tokenizer = weights.load_tokenizer(_resolve_source(model_config.tokenizer or "smollm2"))
         cfg = ModelConfig.tiny(source.split(":", 1)[1], vocab_size=len(tokenizer),
                                num_layers=model_config.random_layers, hidden_size=model_config.random_hidden,
                                head_dim=model_config.random_hidden // 4,
                                eos_token_ids=(tokenizer.eos_token_id,), **dtypes)
+        before_weights(cfg)
         state = nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
         if shardings_fn is not None:
             state = jax.device_put(state, shardings_fn(state))
         return cfg, state, tokenizer
     path = _resolve_source(source)
     if path.endswith(".gguf"):
+        import gguf
+        before_weights(weights.gguf_config(gguf.GGUFReader(path), **dtypes))
         cfg, state = weights.load_gguf(path, shardings_fn, **dtypes)
     else:
+        before_weights(ModelConfig.from_hf(pathlib.Path(path) / "config.json", **dtypes))
         cfg, state = weights.load_hf(path, shardings_fn, **dtypes)
     tokenizer = weights.load_tokenizer(_resolve_source(model_config.tokenizer) if model_config.tokenizer else path)
     return cfg, state, tokenizer
@@ -94,7 +100,7 @@ def _check_workdir(workdir: pathlib.Path) -> None:
 
 
 def _rl_config(config, topology, data_shards: int) -> RLConfig:
-    values = {k: v for k, v in config.rl.to_dict().items() if k != "length_buckets"}
+    values = config.rl.to_dict()
     if not values["total_optimizer_steps"]:
         # The LR horizon in optimizer steps: the most actions one policy can take per step, in
         # train batches, times the steps (MAPPA's released code counted prompts instead).
@@ -164,11 +170,12 @@ class Trainer:
             allow_unsandboxed=config.train.allow_unsandboxed, wall_timeout_s=config.train.sandbox_wall_timeout_s,
             memory_bytes=config.train.sandbox_memory_mb << 20)) if uses_python else None
 
-        self.mesh = parallel.make_mesh(**config.mesh)
+        self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self._log(f"mesh: {dict(self.mesh.shape)} over {self.mesh.size} {jax.devices()[0].platform} devices "
                   f"on {jax.process_count()} host(s)")
         shardings_fn = lambda state: parallel.param_shardings(self.mesh, state)
-        self.model_cfg, self.base, self.tokenizer = load_model(config.model, config.seed, shardings_fn)
+        self.model_cfg, self.base, self.tokenizer = load_model(config.model, config.seed, shardings_fn,
+                                                               before_weights=self._check_memory)
         m = config.model  # the update's graph may trade compute for memory; the params are the same
         self.graphdef = weights.abstract_model(self.model_cfg.replace(
             remat=m.train_remat, attention_impl=m.train_attention, attention_block_size=m.train_attention_block))[0]
@@ -210,6 +217,18 @@ class Trainer:
             self.lora_graphdef = None
             self.updater = PolicyUpdater(self.graphdef, self.rl_cfg, self.mesh)
             self.policies = {name: self.updater.new_full_agent(self.base) for name in self.topology.policies}
+            self.base = None  # each agent holds its own copy and reference: free the loaded one
+
+    def _check_memory(self, model_cfg: ModelConfig) -> None:
+        """Before any weight is loaded: will the run fit on each device? On accelerators an
+        over-budget run stops here, naming mesh / LoRA settings that fit; on CPU it is a warning."""
+        mesh_cfg = self.config.mesh
+        enforce = {"auto": None, "raise": True, "warn": False}[mesh_cfg.memory_check]
+        device_bytes = int(mesh_cfg.device_memory_gib * memory_check.GiB) or None
+        estimate = memory_check.check_run(self.config, model_cfg, self.mesh, device_bytes, enforce=enforce)
+        self._log(f"memory: {estimate.describe()}")
+        if estimate.problem:
+            self._log(f"memory warning: {estimate.problem}")
 
     def _refresh_sampler_weights(self) -> None:
         for name, policy in self.policies.items():

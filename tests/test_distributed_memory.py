@@ -198,7 +198,6 @@ def _small_buckets_config():
 def test_training_length_follows_the_sampler_buckets_the_trainer_pads_to():
     from mappa_jax.rl.experience import Sample, build_experience
     config = _small_buckets_config()
-    config.rl.length_buckets = (4096,)  # not what the trainer pads to: must not matter
     work = mc.workload_from_config(config, ModelConfig.tiny())
     # The prompt limit 300 snaps to the 512 bucket, the longest generation (100) to 128.
     assert (work.train_seq_len, work.train_generated_len) == (512 + 128, 128)

@@ -125,6 +125,7 @@ def test_hosts_end_with_identical_params(runs):
     assert "hosts agree" not in runs["single_log"]  # single process: no cross-host check, no collective
     mesh = "mesh: {'data': 8, 'fsdp': 1, 'tensor': 1} over 8 cpu devices on "
     assert mesh + "2 host(s)" in logs[0] and mesh + "1 host(s)" in runs["single_log"]
+    assert "memory: mesh data=8 fsdp=1 tensor=1, LoRA rank 4: peak" in runs["single_log"]  # checked before loading
 
 
 def test_final_checkpoint_equals_single_process_run(runs):

@@ -321,3 +321,33 @@ def test_unwritable_workdir_is_named(trainer_without_model, tmp_path, where):
     with pytest.raises(ConfigError, match=f"config key 'workdir': {workdir} is not writable"):
         trainer_without_model(config)
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_run_that_would_not_fit_stops_before_the_weights_load(monkeypatch, runs):
+    """The memory check runs once the architecture is known and before any weight is read; with
+    mesh.memory_check=raise (what accelerators get by default) an over-budget run stops there,
+    naming settings to change; with "warn" (CPU's default) it goes on with the message logged."""
+    from mappa_jax import train
+    from mappa_jax.models.config import ModelConfig
+    from mappa_jax.parallel.memory_check import InsufficientMemoryError
+    loaded = []
+
+    def load_model(model_config, seed, shardings_fn=None, before_weights=None):
+        before_weights(ModelConfig.tiny("llama", vocab_size=49152, num_layers=2, hidden_size=64, head_dim=16))
+        loaded.append(True)
+        raise RuntimeError("weights would load now")
+
+    monkeypatch.setattr(train, "load_model", load_model)
+    for name in CREDENTIAL_ENVS:
+        monkeypatch.delenv(name, raising=False)
+
+    def tiny_budget(mode):
+        def edit(c):
+            c.mesh.device_memory_gib = 0.001  # 1 MiB per device
+            c.mesh.memory_check = mode
+        return edit
+    _bad_run(train.Trainer, runs, tiny_budget("raise"), InsufficientMemoryError,
+             r"(?s)needs about .* per device.*--config\.")
+    assert not loaded
+    _bad_run(train.Trainer, runs, tiny_budget("warn"), RuntimeError, "weights would load now")
+    assert loaded
