@@ -29,7 +29,7 @@ def get_config():
         agent.max_new_tokens = 4096
     c.topology.max_prompt_tokens = 24576
     c.sampler.generation_buckets = (4096,)
-    c.sampler.batch_buckets = (64, 128)
+    c.sampler.batch_buckets = (16, 32)  # larger calls are split: 32 rows of 28k-token KV cache per call
 
     c.rl.learning_rate = 1e-6
     c.rl.train_batch_size = 16

@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.generation_buckets = (256, 1024, 4096)
     c.sampler.compute_dtype = ""    # "" = model.dtype
     c.sampler.cache_dtype = ""      # "" = compute dtype
+    c.sampler.prefill_block_size = 1024  # longer prompts prefill blockwise (linear memory); 0 = dense
     c.sampler.top_p = 1.0
     c.sampler.top_k = 0
 

@@ -187,7 +187,7 @@ class Trainer:
         self.sampler = Sampler(self.model_cfg, SamplerConfig(
             batch_buckets=tuple(sc.batch_buckets), prompt_buckets=tuple(sc.prompt_buckets),
             generation_buckets=tuple(sc.generation_buckets), compute_dtype=sc.compute_dtype or None,
-            cache_dtype=sc.cache_dtype or None,
+            cache_dtype=sc.cache_dtype or None, prefill_block_size=sc.prefill_block_size,
             pad_token_id=self.model_cfg.eos_token_ids[0] if pad is None else pad),
             mesh=self.mesh, tokenizer=self.tokenizer)
         self.policy = SamplerPolicy(self.sampler, self.tokenizer, {}, top_p=sc.top_p, top_k=sc.top_k)

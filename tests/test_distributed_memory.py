@@ -357,3 +357,23 @@ def test_candidate_meshes_respect_batch_divisibility():
 
 if __name__ == "__main__":
     _probe()
+
+
+def test_long_prompt_prefill_scores_are_blockwise():
+    """Past sampler.prefill_block_size the prefill holds one [query block, key block] slab of
+    scores (+ its float32 accumulator) instead of [prompt, prompt]: the hand formulas, per device."""
+    cfg = ModelConfig.tiny(dtype="bfloat16")
+    config = _small_buckets_config()
+    config.sampler.prefill_block_size = 128
+    work = mc.workload_from_config(config, cfg)
+    assert work.prefill_block == 128 and work.rollout_prompt_len == 512
+    mesh = {"data": 2, "fsdp": 1, "tensor": 1}
+    rows, prompt, heads = -(-work.rollout_rows // 2), 512, cfg.num_heads
+    dense = mc.estimate(work.replace(prefill_block=0), mesh).terms["prefill"]
+    blocked = mc.estimate(work, mesh).terms["prefill"]
+    dense_scores = rows * heads * prompt * prompt * (4 + 2)
+    block_scores = rows * heads * 128 * (2 * 128 * 4 + cfg.head_dim * 4)
+    assert dense - blocked == pytest.approx(dense_scores - block_scores, abs=2)
+    # A prompt within one block prefills dense: the same estimate either way.
+    short = work.replace(rollout_prompt_len=128)
+    assert mc.estimate(short, mesh).terms["prefill"] == mc.estimate(short.replace(prefill_block=0), mesh).terms["prefill"]

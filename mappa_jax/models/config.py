@@ -41,10 +41,14 @@ class ModelConfig:
     # layer inputs are kept); remat_policy: what the recomputation may keep instead (a name in
     # REMAT_POLICIES). attention_impl "blockwise": flash-style attention over key blocks of
     # attention_block_size slots, never holding [queries, keys] scores (for training at long T).
+    # attention_query_block > 0 also takes the queries that many at a time (the sampler's prefill
+    # of long prompts): scores are then [query block, key block]. Inference only: under jax.grad
+    # each query block's residuals would hold the keys and values again.
     remat: bool = False
     remat_policy: str = "nothing_saveable"
     attention_impl: str = "dense"
     attention_block_size: int = 512
+    attention_query_block: int = 0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -57,6 +61,8 @@ class ModelConfig:
             raise ValueError(f"model.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if int(self.attention_block_size) <= 0:
             raise ValueError(f"model.attention_block_size must be positive, got {self.attention_block_size}")
+        if int(self.attention_query_block) < 0:
+            raise ValueError(f"model.attention_query_block must be >= 0, got {self.attention_query_block}")
         for key in ("param_dtype", "dtype"):
             if getattr(self, key) not in _DTYPES:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {sorted(_DTYPES)}")

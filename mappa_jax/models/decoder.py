@@ -187,12 +187,25 @@ def _flash_attention_bwd(block, residuals, d_out):
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
-def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512):
-    """`attention` computed over key blocks of `block_size` slots (same inputs, same result)."""
+def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512, query_block: int = 0):
+    """`attention` computed over key blocks of `block_size` slots (same inputs, same result); with
+    `query_block`, also over query blocks of that many positions, one after the other (for
+    inference: see ModelConfig.attention_query_block)."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     q = q.reshape(b, t, hkv, hq // hkv, d)
-    out = _flash_attention(q, k, v, q_slots, kv_mask, int(min(block_size, k.shape[1])))  # [B,Hkv,G,T,D]
+    key_block = int(min(block_size, k.shape[1]))
+    if not query_block or t <= query_block:
+        out = _flash_attention(q, k, v, q_slots, kv_mask, key_block)  # [B,Hkv,G,T,D]
+    else:
+        n = -(-t // query_block)
+        pad = n * query_block - t  # padded queries take the last slot; their rows are dropped below
+        q_blocks = jnp.moveaxis(jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
+                                .reshape(b, n, query_block, *q.shape[2:]), 1, 0)
+        slot_blocks = jnp.pad(q_slots, (0, pad), mode="edge").reshape(n, query_block)
+        out = jax.lax.map(lambda xs: _flash_attention(xs[0], k, v, xs[1], kv_mask, key_block),
+                          (q_blocks, slot_blocks))  # [n,B,Hkv,G,query_block,D]
+        out = jnp.moveaxis(out, 0, 3).reshape(b, hkv, hq // hkv, n * query_block, d)[:, :, :, :t]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, hq * d).astype(dtype)
 
 
@@ -282,7 +295,8 @@ class Decoder(nnx.Module):
                 layer_k, layer_v = cache_k[index], cache_v[index]
                 k, v = layer_k.astype(dt), layer_v.astype(dt)
             if cfg.attention_impl == "blockwise":
-                attn = blockwise_attention(q, k, v, q_slots, kv_mask, dt, cfg.attention_block_size)
+                attn = blockwise_attention(q, k, v, q_slots, kv_mask, dt, cfg.attention_block_size,
+                                           cfg.attention_query_block)
             else:
                 attn = attention(q, k, v, q_slots, kv_mask, dt)
             x = x + linear(attn, lp["o_proj"], "o_proj", lp_lora)

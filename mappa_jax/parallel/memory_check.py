@@ -10,7 +10,8 @@ The estimate follows what the code keeps on each device:
   layer inputs; blockwise attention holds one [T, block] slab at a time), and the float32 logits of
   at most `logits_chunk` generated positions (the trainer's head runs on the generation window only);
 - while one agent samples: its KV cache (batch split over data x fsdp, not over tensor) and the
-  prefill's attention scores (the sampler always uses dense attention) and last-position logits.
+  prefill's layer temporaries, attention scores (dense [P, P] for short prompts; query x key
+  blocks past sampler.prefill_block_size) and last-position logits.
 Peak = resident + max(update, rollout). Parameter bytes are exact (the real sharding rules applied to
 shape-only parameters); activations are an estimate (XLA fuses some buffers and keeps others).
 
@@ -64,11 +65,13 @@ class Workload:
     train_generated_len: int | None = None
     logits_chunk: int = 256         # positions whose logits exist at once (PolicyUpdater's logits_chunk)
     cache_dtype: str | None = None  # None: the model's compute dtype
-    # How the update's decoder runs (config.model.train_remat / train_attention); the sampler
-    # always uses dense attention without remat.
+    # How the update's decoder runs (config.model.train_remat / train_attention).
     remat: bool = False             # True: the scan saves only each layer's input, recomputes the rest
     flash_attention: bool = False   # True: blockwise attention, no [T, T] scores in memory
     attention_block: int = 512      # key slots per block of blockwise attention
+    # The sampler prefills prompts longer than this with query x key blocks of this size
+    # (sampler.prefill_block_size); 0 = always dense [prompt, prompt] scores.
+    prefill_block: int = 0
 
     def __post_init__(self):
         for key in ("num_agents", "train_micro_batch", "train_seq_len", "rollout_rows",
@@ -205,10 +208,16 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
     prompt, slots = work.rollout_prompt_len, work.rollout_prompt_len + work.rollout_new_tokens
     per_slot = 2 * cfg.num_layers * rows * kv_width * cache_dt
     kv_cache = per_slot * slots
-    # Prefill: the prompt-length cache (before it grows), one layer's dense scores, and the logits of
-    # each row's last position only.
-    prefill = int(per_slot * prompt + rows * cfg.num_heads * prompt * prompt * (4 + dt) / heads_t
-                  + rows * v * 4 / vocab_t)
+    # Prefill: the prompt-length cache (before it grows), one layer's temporaries (q, k, v, attention
+    # output, the MLP's gate / up / product), its attention scores (dense [P, P], or one query block x
+    # key block at a time plus the float32 accumulator) and the logits of each row's last position.
+    temporaries = rows * prompt * ((2 * q_width + 2 * kv_width) * dt / heads_t + 3 * f * dt / mlp_t)
+    if work.prefill_block and prompt > work.prefill_block:
+        block = work.prefill_block
+        scores = rows * cfg.num_heads * block * (2 * block * 4 + cfg.head_dim * 4) / heads_t
+    else:
+        scores = rows * cfg.num_heads * prompt * prompt * (4 + dt) / heads_t
+    prefill = int(per_slot * prompt + temporaries + scores + rows * v * 4 / vocab_t)
 
     terms = {"weights": weights, "reference": reference, "adapters": adapters, "optimizer": optimizer,
              "gradients": gradients, "activations": activations, "logits": logits,
@@ -341,7 +350,8 @@ def workload_from_config(config, model: ModelConfig) -> Workload:
         cache_dtype=config.sampler.get("cache_dtype") or config.sampler.get("compute_dtype") or None,
         remat=bool(m.get("train_remat", model.remat)),
         flash_attention=m.get("train_attention", model.attention_impl) == "blockwise",
-        attention_block=int(m.get("train_attention_block", model.attention_block_size)))
+        attention_block=int(m.get("train_attention_block", model.attention_block_size)),
+        prefill_block=int(config.sampler.get("prefill_block_size", 0)))
 
 
 def _first_device(mesh):
@@ -391,9 +401,12 @@ HARDWARE = (("TPU v5e-8", 16 * GiB, {"data": 1, "fsdp": 8, "tensor": 1}),
 
 def table_workload(model: ModelConfig | None = None, num_agents: int = 3) -> Workload:
     """MathChat at MAPPA's scale: 4096-token prompts, 1024 generated tokens (the trainer's
-    sequences are 5120 tokens, logits over the last 1024), 64 rows decoded together."""
+    sequences are 5120 tokens, logits over the last 1024), 32 rows decoded together, the
+    sampler's default blockwise prefill past 1024 prompt tokens."""
+    from mappa_jax.sampling.config import SamplerConfig
     return Workload(model or qwen3_4b_config(), num_agents=num_agents, train_seq_len=4096 + 1024,
-                    train_generated_len=1024, rollout_rows=64, rollout_prompt_len=4096, rollout_new_tokens=1024)
+                    train_generated_len=1024, rollout_rows=32, rollout_prompt_len=4096, rollout_new_tokens=1024,
+                    prefill_block=SamplerConfig().prefill_block_size)
 
 
 def memory_table(work: Workload | None = None, hardware=HARDWARE, lora_rank: int = 64, headroom: float = 0.9) -> str:

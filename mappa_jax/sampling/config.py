@@ -25,6 +25,10 @@ class SamplerConfig:
     compute_dtype: overrides the model config's compute dtype (e.g. "bfloat16"); None keeps it.
     cache_dtype: KV-cache dtype; None = the compute dtype.
     pad_token_id: token written after a row stops and used to pad prompts.
+    prefill_block_size: prompt buckets longer than this prefill with blockwise attention over
+        blocks of this many queries and keys, so the prefill's attention memory grows with the
+        prompt, not its square (a 24k-token prompt's dense scores need ~108 GiB per row for
+        Qwen3-4B); 0 = always dense. Shorter prompts prefill dense (faster).
     """
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -32,6 +36,7 @@ class SamplerConfig:
     compute_dtype: str | None = None
     cache_dtype: str | None = None
     pad_token_id: int = 0
+    prefill_block_size: int = 1024
 
     def __post_init__(self):
         for name in ("batch_buckets", "prompt_buckets", "generation_buckets"):
@@ -40,6 +45,8 @@ class SamplerConfig:
             value = getattr(self, name)
             if value is not None and value not in _DTYPES:
                 raise ValueError(f"sampler.{name}={value!r} is not one of {_DTYPES} or None")
+        if int(self.prefill_block_size) < 0:
+            raise ValueError(f"sampler.prefill_block_size must be >= 0, got {self.prefill_block_size}")
 
 
 def bucket_for(size: int, buckets: tuple[int, ...], key: str, what: str) -> int:

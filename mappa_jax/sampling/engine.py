@@ -11,7 +11,6 @@ every agent of the same architecture; shapes come from buckets, so new lengths n
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +29,19 @@ def _cache_spec(batch_axes):
     return P(None, batch_axes, None, None, None)
 
 
-def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh=None, batch_axes=None):
-    """(prefill, decode) jitted for one model graph (and one LoRA graph, or None)."""
+def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh=None, batch_axes=None,
+                   long_prompt_graphdef=None, long_prompt: int = 0):
+    """(prefill, decode) jitted for one model graph (and one LoRA graph, or None). Prompts longer
+    than `long_prompt` prefill with `long_prompt_graphdef` (the same model, blockwise attention)."""
 
-    def merged(params, lora):
-        model = nnx.merge(graphdef, params)
+    def merged(params, lora, graph=graphdef):
+        model = nnx.merge(graph, params)
         return model, (None if lora is None else nnx.merge(lora_graphdef, lora))
 
     def prefill(params, lora, tokens, mask, row_source, *, generation_slots: int):
-        model, adapters = merged(params, lora)
         batch, prompt_len = tokens.shape
+        long = long_prompt_graphdef is not None and prompt_len > long_prompt
+        model, adapters = merged(params, lora, long_prompt_graphdef if long else graphdef)
         cache = KVCache.zeros(model.cfg, batch, prompt_len, cache_dtype)
         hidden, cache = model(tokens, positions_from_mask(mask), mask, cache=cache, cache_index=0, lora=adapters,
                               return_hidden=True)

@@ -70,6 +70,9 @@ class Sampler:
             cfg = cfg.replace(dtype=config.compute_dtype)
         self.cfg, self.config, self.mesh, self.tokenizer = cfg, config, mesh, tokenizer
         self.graphdef, _ = abstract_model(cfg)
+        block = int(config.prefill_block_size)
+        self.prefill_graphdef = abstract_model(cfg.replace(
+            attention_impl="blockwise", attention_block_size=block, attention_query_block=block))[0] if block else None
         self.cache_dtype = jnp.dtype(config.cache_dtype) if config.cache_dtype else cfg.jnp_dtype
         self.batch_axes = None
         if mesh is not None:
@@ -88,7 +91,8 @@ class Sampler:
     def _programs_for(self, lora_graphdef):
         if lora_graphdef not in self._programs:
             self._programs[lora_graphdef] = build_programs(
-                self.graphdef, lora_graphdef, self.cache_dtype, self.config.pad_token_id, self.mesh, self.batch_axes)
+                self.graphdef, lora_graphdef, self.cache_dtype, self.config.pad_token_id, self.mesh, self.batch_axes,
+                long_prompt_graphdef=self.prefill_graphdef, long_prompt=int(self.config.prefill_block_size))
         return self._programs[lora_graphdef]
 
     def num_compiled(self) -> int:
