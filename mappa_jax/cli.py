@@ -12,7 +12,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     import sys
     from absl import flags
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except (AttributeError, KeyError) as err:
         detail = err.args[0] if err.args else err
         if isinstance(detail, KeyError) and detail.args:
@@ -24,3 +24,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: unknown config key {key!r} (command-line override --config.{key}) {hint}".rstrip())
     except flags.Error as err:  # a bad value or an unknown flag: what absl's own parser reports
         sys.exit(f"error: {err}\nPass --helpfull to see the flags.")
+    _quiet_library_logs()
+    return remaining
+
+
+def _quiet_library_logs() -> None:
+    """Progress and results are printed; library INFO logs (orbax's ~40 lines per checkpoint, one
+    line per coach HTTP request) are shown only with an explicit --verbosity (e.g. -v 0)."""
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)

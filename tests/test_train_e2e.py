@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -351,3 +352,12 @@ def test_a_run_that_would_not_fit_stops_before_the_weights_load(monkeypatch, run
     assert not loaded
     _bad_run(train.Trainer, runs, tiny_budget("warn"), RuntimeError, "weights would load now")
     assert loaded
+
+
+def test_library_info_logs_are_quiet_by_default(runs):
+    """The console shows progress and results; orbax's and the HTTP client's INFO lines (dozens
+    per checkpoint) only with an explicit --verbosity."""
+    log = runs.resumed_log
+    assert "step 3/3" in log and "after training:" in log
+    info = [line for line in log.splitlines() if re.match(r"I\d{4} ", line)]
+    assert not info, info[:3]
