@@ -17,7 +17,6 @@ import json
 import math
 import os
 import pathlib
-import pickle
 import time
 
 import jax
@@ -552,10 +551,11 @@ class _OwnedActions:
 
 
 def _action_digest(action) -> str:
-    """What the coach sees of an action (timings left out), to tell whether two hosts' copies agree."""
-    tool = dataclasses.replace(action.tool, wall_s=0.0) if action.tool is not None else None
-    return hashlib.sha256(pickle.dumps((action.prompt_ids, action.generated_ids, action.text, tool,
-                                        action.files_after))).hexdigest()
+    """What the coach sees of an action (timings left out), to tell whether two hosts' copies agree.
+    JSON, not pickle: pickle's bytes depend on which equal objects happen to be shared."""
+    tool = None if action.tool is None else dataclasses.asdict(dataclasses.replace(action.tool, wall_s=0.0))
+    fields = [list(action.prompt_ids), list(action.generated_ids), action.text, tool, list(action.files_after)]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _summary(metrics: dict[str, float]) -> str:
