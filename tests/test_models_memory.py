@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from mappa_jax.models.config import ModelConfig
-from mappa_jax.models.decoder import Decoder, KVCache, positions_from_mask
+from mappa_jax.models.decoder import (KEYS_FROM_CACHE, KEYS_FROM_INPUT, Decoder, KVCache, blockwise_attention,
+                                      positions_from_mask)
 
 BATCH, LENGTH = 3, 37
 
@@ -89,6 +90,29 @@ def test_blockwise_matches_dense_with_kv_cache():
         got = run(cfg)
         assert float(jnp.max(jnp.abs(got - ref))) <= 1e-5
         assert bool(jnp.all(jnp.isfinite(got[real])))
+
+
+def test_blockwise_attention_on_cache_layout_keys_matches_input_layout():
+    # A cache layer's keys are [B,Hkv,S,D], the input's [B,S,Hkv,D]: same numbers, gradients included
+    # (the custom backward pass blocks and unblocks along the layout's slot axis).
+    q, k, v = (jax.random.normal(jax.random.key(i), shape) for i, shape in
+               enumerate([(2, 6, 4, 8), (2, 11, 2, 8), (2, 11, 2, 8)]))
+    q_slots = jnp.arange(6) + 5
+    kv_mask = jnp.ones((2, 11), bool).at[1, :3].set(False)
+
+    def loss(q, k, v, kv_layout, query_block):
+        if kv_layout == KEYS_FROM_CACHE:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        out = blockwise_attention(q, k, v, q_slots, kv_mask, jnp.float32, block_size=4, query_block=query_block,
+                                  kv_layout=kv_layout)
+        return jnp.sum(jnp.sin(out))
+
+    for query_block in (0, 4):
+        grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+        ref_value, ref_grads = grad(q, k, v, KEYS_FROM_INPUT, query_block)
+        value, grads = grad(q, k, v, KEYS_FROM_CACHE, query_block)
+        assert abs(float(value - ref_value)) <= 1e-5
+        assert _max_relative_diff(ref_grads, grads) <= 1e-6
 
 
 def test_remat_gives_same_loss_and_gradients(padded_batch):

@@ -9,7 +9,8 @@ parameter has one sharding rule (see `mappa_jax.parallel`).
 Attention takes an explicit key mask. Without a cache the keys are the input tokens; with a cache
 the keys are the cache slots, the new keys are written at `cache_index`, and query i sits at slot
 `cache_index + i`. Positions are an input, so left-padded rows get the same RoPE phases (and logits)
-as the unpadded sequence.
+as the unpadded sequence. The cache is [L, B, Hkv, S, D], slots next to head_dim, so that a decode
+step reads each (row, head)'s keys and values as one contiguous block.
 """
 from __future__ import annotations
 
@@ -36,19 +37,19 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer: [layers, batch, slots, kv_heads, head_dim]."""
+    """Keys and values of every layer: [layers, batch, kv_heads, slots, head_dim]."""
     k: jax.Array
     v: jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
         dtype = dtype or cfg.jnp_dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def slots(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -85,18 +86,29 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(q, k, v, q_slots, kv_mask, dtype):
-    """Grouped-query attention. q: [B,T,Hq,D]; k, v: [B,S,Hkv,D]; q_slots: [T]; kv_mask: [B,S]."""
+# Key/value layouts, as einsum subscripts: the input's keys are [B,S,Hkv,D]; a cache layer's are
+# [B,Hkv,S,D] (see KVCache).
+KEYS_FROM_INPUT, KEYS_FROM_CACHE = "bskd", "bksd"
+
+
+def attention(q, k, v, q_slots, kv_mask, dtype, kv_layout: str = KEYS_FROM_INPUT):
+    """Grouped-query attention. q: [B,T,Hq,D]; k, v: [B,S,Hkv,D] (or [B,Hkv,S,D] with
+    kv_layout=KEYS_FROM_CACHE); q_slots: [T]; kv_mask: [B,S]."""
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv, s = k.shape[kv_layout.index("k")], k.shape[kv_layout.index("s")]
     q = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    causal = jnp.arange(k.shape[1])[None, :] <= q_slots[:, None]  # [T, S]
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # [T, S]
     mask = causal[None, None, None] & kv_mask[:, None, None, None, :]
     # A finite floor: fully masked rows (left padding) give a uniform softmax instead of NaN.
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    if kv_layout == KEYS_FROM_CACHE:
+        # Heads-major output, then a transpose: with "->btkgd" XLA:CPU turns this dot into a
+        # transposed-values matmul off its fast path (a decode step's attention ~2x slower).
+        out = jnp.transpose(jnp.einsum("bkgts,bksd->bkgtd", probs, v), (0, 3, 1, 2, 4))
+    else:
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, hq * d)
 
 
@@ -108,38 +120,43 @@ def attention(q, k, v, q_slots, kv_mask, dtype):
 # Masking matches `attention` exactly: masked keys score finfo.min (a fully masked query row gets
 # a uniform average, as in the dense softmax); slots added to fill the last block score -inf.
 
-def _key_blocks(k, v, kv_mask, block):
-    """k, v [B,S,Hkv,D] -> [n,B,block,Hkv,D]; kv_mask -> [n,B,block]; slot ids [n,block]."""
-    s = k.shape[1]
-    n = -(-s // block)
-    pad = n * block - s
-    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
-    pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return split(pad_seq(k)), split(pad_seq(v)), split(pad_seq(kv_mask)), jnp.arange(n * block).reshape(n, block)
+def _split_slots(x, axis, n, block):
+    """Pads `axis` (the slots) to n * block and splits it into n blocks on a new leading axis."""
+    x = jnp.pad(x, [(0, n * block - x.shape[axis]) if i == axis else (0, 0) for i in range(x.ndim)])
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1:]), axis, 0)
 
 
-def _block_scores(q, k_block, mask_block, slot_block, q_slots, num_slots):
+def _key_blocks(k, v, kv_mask, block, kv_layout):
+    """k, v [B,S,Hkv,D] -> [n,B,block,Hkv,D] (or the same with Hkv before the slots);
+    kv_mask -> [n,B,block]; slot ids [n,block]."""
+    axis = kv_layout.index("s")
+    n = -(-k.shape[axis] // block)
+    split = lambda x, x_axis: _split_slots(x, x_axis, n, block)
+    return split(k, axis), split(v, axis), split(kv_mask, 1), jnp.arange(n * block).reshape(n, block)
+
+
+def _block_scores(q, k_block, mask_block, slot_block, q_slots, num_slots, kv_layout):
     """Masked float32 scores [B,Hkv,G,T,block] and the allowed-key mask of one key block."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_block, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k_block, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q.shape[-1])
     allowed = (slot_block[None, :] <= q_slots[:, None])[None, None, None] & mask_block[:, None, None, None, :]
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     return jnp.where(slot_block < num_slots, scores, -jnp.inf), allowed
 
 
-def _flash_forward(q, k, v, q_slots, kv_mask, block):
+def _flash_forward(q, k, v, q_slots, kv_mask, block, kv_layout):
     b, t, hkv, g, d = q.shape
-    k_blocks, v_blocks, mask_blocks, slot_blocks = _key_blocks(k, v, kv_mask, block)
+    k_blocks, v_blocks, mask_blocks, slot_blocks = _key_blocks(k, v, kv_mask, block, kv_layout)
 
     def step(carry, xs):
         m, l, acc = carry
         k_j, v_j, mask_j, slot_j = xs
-        scores, _ = _block_scores(q, k_j, mask_j, slot_j, q_slots, k.shape[1])
+        scores, _ = _block_scores(q, k_j, mask_j, slot_j, q_slots, k.shape[kv_layout.index("s")], kv_layout)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
         p = jnp.exp(scores - m_new[..., None])
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_j,
+        acc = acc * correction[..., None] + jnp.einsum(f"bkgts,{kv_layout}->bkgtd", p.astype(v.dtype), v_j,
                                                        preferred_element_type=jnp.float32)
         return (m_new, l, acc), None
 
@@ -149,20 +166,21 @@ def _flash_forward(q, k, v, q_slots, kv_mask, block):
     return (acc / l[..., None]).astype(q.dtype), m, l
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash_attention(q, k, v, q_slots, kv_mask, block):
-    return _flash_forward(q, k, v, q_slots, kv_mask, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash_attention(q, k, v, q_slots, kv_mask, block, kv_layout):
+    return _flash_forward(q, k, v, q_slots, kv_mask, block, kv_layout)[0]
 
 
-def _flash_attention_fwd(q, k, v, q_slots, kv_mask, block):
-    out, m, l = _flash_forward(q, k, v, q_slots, kv_mask, block)
+def _flash_attention_fwd(q, k, v, q_slots, kv_mask, block, kv_layout):
+    out, m, l = _flash_forward(q, k, v, q_slots, kv_mask, block, kv_layout)
     return out, (q, k, v, q_slots, kv_mask, out, m, l)
 
 
-def _flash_attention_bwd(block, residuals, d_out):
+def _flash_attention_bwd(block, kv_layout, residuals, d_out):
     q, k, v, q_slots, kv_mask, out, m, l = residuals
-    s = k.shape[1]
-    k_blocks, v_blocks, mask_blocks, slot_blocks = _key_blocks(k, v, kv_mask, block)
+    seq_axis = kv_layout.index("s")
+    s = k.shape[seq_axis]
+    k_blocks, v_blocks, mask_blocks, slot_blocks = _key_blocks(k, v, kv_mask, block, kv_layout)
     d_out = d_out.astype(jnp.float32)
     # d softmax: ds = p * (dp - sum_j p_j dp_j), and sum_j p_j dp_j = <d_out, out> per query.
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
@@ -170,40 +188,45 @@ def _flash_attention_bwd(block, residuals, d_out):
 
     def step(dq, xs):
         k_j, v_j, mask_j, slot_j = xs
-        scores, allowed = _block_scores(q, k_j, mask_j, slot_j, q_slots, s)
+        scores, allowed = _block_scores(q, k_j, mask_j, slot_j, q_slots, s, kv_layout)
         p = jnp.exp(scores - m[..., None]) / l[..., None]
-        dv_j = jnp.einsum("bkgts,bkgtd->bskd", p, d_out)
-        dp = jnp.einsum("bkgtd,bskd->bkgts", d_out, v_j.astype(jnp.float32))
+        dv_j = jnp.einsum(f"bkgts,bkgtd->{kv_layout}", p, d_out)
+        dp = jnp.einsum(f"bkgtd,{kv_layout}->bkgts", d_out, v_j.astype(jnp.float32))
         ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * scale  # masked scores are constants
-        dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, k_j.astype(jnp.float32))
-        dk_j = jnp.einsum("bkgts,btkgd->bskd", ds, q.astype(jnp.float32))
+        dq = dq + jnp.einsum(f"bkgts,{kv_layout}->btkgd", ds, k_j.astype(jnp.float32))
+        dk_j = jnp.einsum(f"bkgts,btkgd->{kv_layout}", ds, q.astype(jnp.float32))
         return dq, (dk_j, dv_j)
 
     dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (k_blocks, v_blocks, mask_blocks, slot_blocks))
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :s]
+
+    def unblock(x):  # [n, ..., block, ...] -> [..., S, ...] with the slots back at seq_axis
+        x = jnp.moveaxis(x, 0, seq_axis)
+        x = x.reshape(*x.shape[:seq_axis], -1, *x.shape[seq_axis + 2:])
+        return jax.lax.slice_in_dim(x, 0, s, axis=seq_axis)
     return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None
 
 
 _flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)
 
 
-def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512, query_block: int = 0):
+def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512, query_block: int = 0,
+                        kv_layout: str = KEYS_FROM_INPUT):
     """`attention` computed over key blocks of `block_size` slots (same inputs, same result); with
     `query_block`, also over query blocks of that many positions, one after the other (for
     inference: see ModelConfig.attention_query_block)."""
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[kv_layout.index("k")]
     q = q.reshape(b, t, hkv, hq // hkv, d)
-    key_block = int(min(block_size, k.shape[1]))
+    key_block = int(min(block_size, k.shape[kv_layout.index("s")]))
     if not query_block or t <= query_block:
-        out = _flash_attention(q, k, v, q_slots, kv_mask, key_block)  # [B,Hkv,G,T,D]
+        out = _flash_attention(q, k, v, q_slots, kv_mask, key_block, kv_layout)  # [B,Hkv,G,T,D]
     else:
         n = -(-t // query_block)
         pad = n * query_block - t  # padded queries take the last slot; their rows are dropped below
         q_blocks = jnp.moveaxis(jnp.pad(q, [(0, 0), (0, pad), (0, 0), (0, 0), (0, 0)])
                                 .reshape(b, n, query_block, *q.shape[2:]), 1, 0)
         slot_blocks = jnp.pad(q_slots, (0, pad), mode="edge").reshape(n, query_block)
-        out = jax.lax.map(lambda xs: _flash_attention(xs[0], k, v, xs[1], kv_mask, key_block),
+        out = jax.lax.map(lambda xs: _flash_attention(xs[0], k, v, xs[1], kv_mask, key_block, kv_layout),
                           (q_blocks, slot_blocks))  # [n,B,Hkv,G,query_block,D]
         out = jnp.moveaxis(out, 0, 3).reshape(b, hkv, hq // hkv, n * query_block, d)[:, :, :, :t]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, hq * d).astype(dtype)
@@ -285,20 +308,21 @@ class Decoder(nnx.Module):
                 q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
                 k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            kv_layout = KEYS_FROM_INPUT
             if cache_k is not None:
                 # Write only the new slots into the whole cache (in place under donation), then
                 # read this layer's slice: updating a sliced-out copy and writing it back costs
                 # several full-cache copies per decode step.
-                start = (index, 0, cache_index, 0, 0)
-                cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], start)
-                cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], start)
-                layer_k, layer_v = cache_k[index], cache_v[index]
-                k, v = layer_k.astype(dt), layer_v.astype(dt)
+                start = (index, 0, 0, cache_index, 0)
+                new_slots = lambda x: jnp.swapaxes(x, 1, 2).astype(cache_k.dtype)[None]  # [1,B,Hkv,T,D]
+                cache_k = jax.lax.dynamic_update_slice(cache_k, new_slots(k), start)
+                cache_v = jax.lax.dynamic_update_slice(cache_v, new_slots(v), start)
+                k, v, kv_layout = cache_k[index].astype(dt), cache_v[index].astype(dt), KEYS_FROM_CACHE
             if cfg.attention_impl == "blockwise":
                 attn = blockwise_attention(q, k, v, q_slots, kv_mask, dt, cfg.attention_block_size,
-                                           cfg.attention_query_block)
+                                           cfg.attention_query_block, kv_layout)
             else:
-                attn = attention(q, k, v, q_slots, kv_mask, dt)
+                attn = attention(q, k, v, q_slots, kv_mask, dt, kv_layout)
             x = x + linear(attn, lp["o_proj"], "o_proj", lp_lora)
             h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
             gated = jax.nn.silu(linear(h, lp["gate_proj"], "gate_proj", lp_lora)) * linear(h, lp["up_proj"], "up_proj", lp_lora)

@@ -26,6 +26,7 @@ def _constrain(x, mesh, spec):
 
 
 def _cache_spec(batch_axes):
+    """KV cache [L, B, Hkv, S, D]: rows split over the batch axes, the rest whole on each device."""
     return P(None, batch_axes, None, None, None)
 
 
@@ -48,9 +49,9 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
         # Left padding: every row's last slot is real. The head runs on that position only.
         last = model.head(jnp.take(hidden[:, -1], row_source, axis=0))
 
-        def grow(c):  # [L, B, P, H, D] -> [L, rows, P + G, H, D]
+        def grow(c):  # [L, B, Hkv, P, D] -> [L, rows, Hkv, P + G, D]
             rows = jnp.take(c, row_source, axis=1)
-            return jnp.pad(rows, ((0, 0), (0, 0), (0, generation_slots), (0, 0), (0, 0)))
+            return jnp.pad(rows, ((0, 0), (0, 0), (0, 0), (0, generation_slots), (0, 0)))
 
         cache = KVCache(_constrain(grow(cache.k), mesh, _cache_spec(batch_axes)),
                         _constrain(grow(cache.v), mesh, _cache_spec(batch_axes)))
