@@ -4,7 +4,7 @@ a jitted sharded computation that agrees with NumPy and bit-for-bit across hosts
 
 This file is also the worker: `run_local_cluster([python, this file])` runs `_worker()` in each
 process, which prints one `RESULT {json}` line for the test to compare. To test another multi-host
-program (e.g. training steps), write a worker that prints its RESULT line and reuse `_run_workers`.
+program (e.g. training steps), write a worker that prints its RESULT line and use tests/cluster_workers.py.
 """
 from __future__ import annotations
 
@@ -17,23 +17,10 @@ import time
 import numpy as np
 import pytest
 
+from cluster_workers import run_workers
 from mappa_jax.parallel.distributed import LocalClusterError, run_local_cluster
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 ITEMS = [f"task-{i}" for i in range(11)]  # 11 over 2 hosts: uneven shards (6 + 5)
-
-
-def _run_workers(script: pathlib.Path, *args: str, num_processes: int = 2, devices: int = 4,
-                 timeout_s: float = 90.0) -> list[dict]:
-    """Run `script` as a local cluster and return each process's parsed RESULT line, in order."""
-    results = run_local_cluster([sys.executable, str(script), *args], num_processes, devices,
-                                timeout_s=timeout_s, cwd=REPO)
-    parsed = []
-    for r in results:
-        lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-        assert len(lines) == 1, f"process {r.process_id} printed no RESULT line:\n{r.stdout}\n{r.stderr[-3000:]}"
-        parsed.append(json.loads(lines[0][len("RESULT "):]))
-    return parsed
 
 
 def _worker() -> None:
@@ -114,7 +101,7 @@ def _owner_decides(distributed, pid: int) -> tuple[list, list]:
 
 @pytest.fixture(scope="module")
 def two_hosts():
-    return _run_workers(pathlib.Path(__file__))
+    return run_workers(pathlib.Path(__file__))
 
 
 def test_one_global_mesh_of_eight_devices(two_hosts):

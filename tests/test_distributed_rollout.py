@@ -14,8 +14,8 @@ import pathlib
 import sys
 
 import pytest
+from cluster_workers import REPO, run_workers
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 EPISODES = 6  # 3 tasks x 2 samples: host 0 owns the first 3 episodes, host 1 the last 3
 
 
@@ -72,16 +72,9 @@ def _worker(workspace_root: str) -> None:
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    from mappa_jax.parallel.distributed import run_local_cluster
     root = tmp_path_factory.mktemp("rollout")
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    results = run_local_cluster([sys.executable, __file__, str(root)], 2, 1, timeout_s=240, env=env, cwd=REPO)
-    parsed = []
-    for r in results:
-        lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
-        assert len(lines) == 1, f"process {r.process_id} printed no RESULT line:\n{r.stdout}\n{r.stderr[-3000:]}"
-        parsed.append(json.loads(lines[0][len("RESULT "):]))
-    return parsed
+    return run_workers(pathlib.Path(__file__), str(root), devices=1, timeout_s=240, env=env)
 
 
 def test_each_code_cell_ran_once_on_its_owner(hosts):
