@@ -39,6 +39,7 @@ def _worker() -> None:
     gathered = distributed.gather_from_hosts(done)
     seed = distributed.broadcast_from_host0(1234 + pid)
     decided, computed = _owner_decides(distributed, pid)
+    unpicklable = _owner_raises_unpicklable(distributed, pid)
 
     # Device work: each host contributes its rows of the batch; weights come from one shared key.
     rng = np.random.default_rng(0)
@@ -62,6 +63,7 @@ def _worker() -> None:
         "reference": np.tanh(x_full @ w_host).sum(axis=1).tolist(),
         "fetched_ok": bool(np.allclose(fetched, x_full @ w_host, rtol=1e-5, atol=1e-5)),
         "fetched_shape": list(fetched.shape), "decided": decided, "computed": computed,
+        "unpicklable": unpicklable,
         "seconds": time.monotonic() - start}), flush=True)
 
 
@@ -97,6 +99,30 @@ def _owner_decides(distributed, pid: int) -> tuple[list, list]:
     decider.clear()
     decider.close()
     return decided, sorted(computed)
+
+
+def _owner_raises_unpicklable(distributed, pid: int) -> str:
+    """Host 0's computation raises an exception that pickle refuses (it holds a lambda)."""
+    import asyncio
+
+    class Unpicklable(Exception):
+        def __init__(self):
+            super().__init__("holds a lambda")
+            self.callback = lambda: None
+
+    async def fail():
+        raise Unpicklable()
+
+    decider = distributed.OwnerDecides("test/owner_decides_unpicklable", wait_s=60)
+    try:
+        asyncio.run(decider.decide(0, "k", fail))
+        seen = "returned"
+    except Exception as err:  # noqa: BLE001 - what each host raises is the result
+        seen = f"{type(err).__name__}: {err}"
+    distributed.sync_hosts("owner_decides_unpicklable_read")
+    decider.clear()
+    decider.close()
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +175,12 @@ def test_owner_decides_shares_each_owners_result_computed_once(two_hosts):
     assert [first[i][0] for i in (0, 1, 2, 4, 5)] == [0, 1, 0, 0, 1]  # each key's owner computed it
     assert first[3] == "raised: failed on host 1"  # the owner's exception, raised on both hosts
     assert two_hosts[0]["computed"] == ["k0", "k2", "k4"] and two_hosts[1]["computed"] == ["k1", "k3", "k5"]
+
+
+def test_an_unpicklable_exception_still_reaches_the_other_host(two_hosts):
+    owner, other = (r["unpicklable"] for r in two_hosts)
+    assert owner == "Unpicklable: holds a lambda"  # the owner raises its own exception
+    assert other == "RuntimeError: Unpicklable: holds a lambda"  # the other host, at once, named
 
 
 def test_a_failing_process_stops_the_cluster_quickly():

@@ -350,7 +350,7 @@ class OwnerDecides:
             try:
                 value = await compute()
             except Exception as err:  # noqa: BLE001 - the other hosts must raise the same
-                self._publish(full_key, ("raise", err))
+                self._publish(full_key, ("raise", _picklable(err)))
                 raise
             self._publish(full_key, ("return", value))
             return value
@@ -379,6 +379,16 @@ class OwnerDecides:
     def close(self) -> None:
         if self._waiters is not None:
             self._waiters.shutdown(wait=False, cancel_futures=True)
+
+
+def _picklable(err: Exception) -> Exception:
+    """`err`, or a RuntimeError naming it when it cannot be pickled (the other hosts would
+    otherwise wait for a record the owner never wrote)."""
+    try:
+        pickle.dumps(err)
+        return err
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(err).__name__}: {err}")
 
 
 def _coordination_client():
