@@ -49,6 +49,7 @@ setup(
             "mappa-eval=mappa_jax.evaluate:run",
             "mappa-chat=mappa_jax.chat:run",
             "mappa-plot=mappa_jax.plots:run",
+            "mappa-data=mappa_jax.data_cli:run",
         ]
     },
 )

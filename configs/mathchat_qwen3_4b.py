@@ -1,7 +1,8 @@
 """The paper's MathChat run with Qwen3-4B (Thinking-2507) agents: AIME 1983-2024 for training,
 AIME 2025 and AMC for evaluation, Gemini 2.5 Flash as coach, full finetuning of all three agents.
-Put the problem files (JSONL/JSON/parquet with problem, answer, id, year) under data/ or override
---config.data.train.files / --config.data.eval.files. Needs GEMINI_API_KEY (or Vertex AI settings)."""
+The problem files are the authors' own: `mappa-data paper-math` downloads and verifies them into
+data/paper/ (or override --config.data.train / --config.data.eval). Needs GEMINI_API_KEY (or Vertex
+AI settings)."""
 from mappa_jax.config import base_config
 
 
@@ -17,11 +18,15 @@ def get_config():
     c.mesh.data = 1
     c.mesh.fsdp = -1                # ZeRO-3 style: parameters and optimizer state over all chips
 
+    # As the authors: train on 512 of the 933 AIME 1983-2024 problems drawn with seed 42 (the same
+    # 512; the run records their ids in <workdir>/data_selection.json), evaluate on AIME 2025 and
+    # the 32 AMC problems (not on their aime_eval_32: it shares problems with the training pool).
     c.data.train = {"source": "math_files", "files": [
-        {"path": "data/aime_1983_2024.jsonl", "task_type": "aime"}]}
+        {"path": "data/paper/AIME_1983_2024.json", "task_type": "aime",
+         "select_count": 512, "select_seed": 42}]}
     c.data.eval = {"source": "math_files", "files": [
-        {"path": "data/aime_2025.jsonl", "task_type": "aime2025"},
-        {"path": "data/amc.jsonl", "task_type": "amc"}]}
+        {"path": "data/paper/aime_2025.json", "task_type": "aime2025"},
+        {"path": "data/paper/amc_eval_32.json", "task_type": "amc"}]}
     c.coach.backend = "gemini"
     c.coach.model = "gemini-2.5-flash"
 

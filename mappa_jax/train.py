@@ -29,7 +29,8 @@ from mappa_jax import parallel
 from mappa_jax.checkpoint import RunCheckpointer, decode_bytes, encode_bytes
 from mappa_jax.coach import make_coach
 from mappa_jax.config import ConfigError, validate
-from mappa_jax.data import TaskPipeline, builder_from_spec, check_no_overlap, task_source
+from mappa_jax.data import (SELECTION_FILE, TaskPipeline, builder_from_spec, check_no_overlap, task_source,
+                            write_data_selection)
 from mappa_jax.eval import grade_math, score_submission
 from mappa_jax.metrics import MetricsWriter, Progress
 from mappa_jax.models import hub, weights
@@ -162,6 +163,9 @@ class Trainer:
         self.train_tasks, eval_tasks = _open_task_data((config.data.train, config.data.eval), data_dir)
         self.eval_tasks = list(eval_tasks)
         check_no_overlap(list(self.train_tasks), self.eval_tasks)
+        if self.is_main:  # which problems this run trains and evaluates on: ids, file digests
+            write_data_selection(self.workdir / SELECTION_FILE, {
+                "train": (config.data.train, self.train_tasks), "eval": (config.data.eval, self.eval_tasks)})
         self.pipeline = TaskPipeline(self.train_tasks, config.train.tasks_per_step, seed=config.seed,
                                      stratify=config.data.stratify)
         uses_python = any(a.uses_python for a in self.topology.agents)

@@ -212,7 +212,8 @@ _SPEC_KEYS = {
 def builder_from_spec(spec: Mapping, data_dir: str | pathlib.Path) -> TaskBuilder:
     """A builder from a config value, e.g. {"source": "synthetic", "arithmetic_count": 512}.
 
-    source "math_files": files = [{"path", "task_type", "id_prefix"?}, ...];
+    source "math_files": files = [{"path", "task_type", "id_prefix"?, "select_count"?,
+    "select_seed"?}, ...] (a seeded subset of a file: math_files.py);
     "dsbench": tasks_root, answers_root[, id_prefix]; "sklearn": files_dir[, seed,
     test_fraction, names]; "synthetic": arithmetic_count, difficulty, seed, reasoning_gym
     ({generator: count}). Unknown sources or keys are errors naming them.

@@ -13,6 +13,11 @@ Accepted layouts (MathSource.path is a file or a directory):
 Field names vary between collections; the first present of each alias list is used
 (case-insensitive): see PROBLEM_FIELDS, ANSWER_FIELDS, SOLUTION_FIELDS, ID_FIELDS. When there
 is no answer field, the answer is the last \\boxed{} of the solution (MATH style).
+
+A source may keep only some of its problems: select_count of them, drawn with select_seed (the
+first select_count of numpy's RandomState(seed).permutation, kept in file order). With
+select_count=512, select_seed=42 on the authors' AIME_1983_2024.json this gives the 512
+positions their run recorded (sampled_training_data_metadata.json in their repository).
 """
 from __future__ import annotations
 
@@ -21,8 +26,11 @@ import gzip
 import json
 import math
 import pathlib
+
+import numpy as np
 from typing import Any, Iterable, Iterator, Mapping
 
+from mappa_jax.data.download import missing_file_hint
 from mappa_jax.data.latex import last_boxed
 from mappa_jax.data.task import MATH, DataError, Task
 
@@ -43,6 +51,8 @@ class MathSource:
     path: str
     task_type: str
     id_prefix: str = ""  # defaults to "<task_type>/"; keeps ids unique across sources
+    select_count: int = 0  # keep this many problems, drawn with select_seed; 0 keeps all
+    select_seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +138,7 @@ def read_records(path: str | pathlib.Path) -> list[_Record]:
     elif path.is_file():
         files, names = [path], [""]
     else:
-        raise DataError(f"math problem file not found: {path}")
+        raise DataError(f"math problem file not found: {path}{missing_file_hint(path)}")
     records = []
     for file, name in zip(files, names):
         rows = read_file(file)
@@ -206,12 +216,33 @@ def tasks_from_records(records: list[_Record], source: MathSource) -> Iterator[T
                    prompt=str(problem[1]).strip(), answer=answer_text, metadata=metadata)
 
 
+def select_positions(total: int, count: int, seed: int) -> list[int]:
+    """Positions of the `count` of `total` problems a seeded draw keeps, in ascending order: the
+    first `count` of numpy's legacy RandomState(seed).permutation(total), which reproduces the
+    training problems the MAPPA authors' run recorded for seed 42."""
+    if not 0 < count <= total:
+        raise DataError(f"cannot select {count} of {total} problems")
+    return sorted(np.random.RandomState(seed).permutation(total)[:count].tolist())
+
+
+def source_tasks(source: MathSource) -> list[Task]:
+    """The problems of one source, after its selection (select_count, select_seed)."""
+    tasks = list(tasks_from_records(read_records(source.path), source))
+    if not source.select_count:
+        return tasks
+    if not isinstance(source.select_count, int) or not 0 < source.select_count <= len(tasks):
+        raise DataError(f"{source.path}: select_count must be an integer in [1, {len(tasks)}] "
+                        f"(the file's problems), or 0 for all; got {source.select_count!r}")
+    return [tasks[i] for i in select_positions(len(tasks), source.select_count,
+                                               int(source.select_seed))]
+
+
 def load_math_tasks(sources: Iterable[MathSource]) -> list[Task]:
     """All problems of all sources as Tasks; ids must be unique across sources."""
     tasks: list[Task] = []
     owner: dict[str, str] = {}
     for source in sources:
-        for task in tasks_from_records(read_records(source.path), source):
+        for task in source_tasks(source):
             if task.task_id in owner:
                 raise DataError(f"task id {task.task_id!r} appears in both {owner[task.task_id]} "
                                 f"and {source.path}; give the sources distinct id_prefix values")

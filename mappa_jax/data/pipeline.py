@@ -27,11 +27,17 @@ from mappa_jax.data.task import DataError, Task
 STATE_VERSION = 1
 
 
-def _index_fields(source: Sequence[Task]) -> tuple[list[str], list[str]]:
+def index_fields(source: Sequence[Task]) -> tuple[list[str], list[str]]:
+    """(task ids, task types) of a task source in order, without decoding whole tasks."""
     if hasattr(source, "index_fields"):
         return source.index_fields()
     tasks = [source[i] for i in range(len(source))]
     return [t.task_id for t in tasks], [t.task_type for t in tasks]
+
+
+def tasks_fingerprint(task_ids: Sequence[str]) -> str:
+    """Short digest of an ordered list of task ids (a pipeline state refuses another one)."""
+    return hashlib.sha256("\n".join(task_ids).encode()).hexdigest()[:16]
 
 
 class TaskPipeline:
@@ -66,8 +72,8 @@ class TaskPipeline:
         self.seed = int(seed)
         self.num_epochs = num_epochs
         self.stratify = stratify
-        task_ids, task_types = _index_fields(source)
-        self._fingerprint = hashlib.sha256("\n".join(task_ids).encode()).hexdigest()[:16]
+        task_ids, task_types = index_fields(source)
+        self._fingerprint = tasks_fingerprint(task_ids)
         strata = sorted(set(task_types)) if stratify else ["all"]
         self._strata = {name: np.array([i for i, t in enumerate(task_types)
                                         if not stratify or t == name]) for name in strata}
