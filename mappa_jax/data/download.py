@@ -193,12 +193,11 @@ def _download_once(remote: RemoteFile, part: pathlib.Path, timeout_s: float,
     """Append the rest of `remote` to `part` (all of it when part is empty or the server ignores
     Range). Raises _Transient for failures worth retrying."""
     offset = part.stat().st_size if part.exists() else 0
-    if offset >= remote.size:  # complete already, or longer than it should be
-        if offset > remote.size:
-            part.unlink()
-            offset = 0
-        else:
+    if part.exists() and offset >= remote.size:  # complete already, or longer than it should be
+        if offset == remote.size:
             return
+        part.unlink()
+        offset = 0
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"

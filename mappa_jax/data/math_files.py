@@ -39,8 +39,8 @@ ANSWER_FIELDS = ("answer", "final_answer", "expected_answer", "ground_truth", "g
                  "target", "label")
 SOLUTION_FIELDS = ("solution", "solutions", "output", "response", "reasoning")
 ID_FIELDS = ("id", "unique_id", "problem_id", "uid", "idx", "index", "qid")
-METADATA_FIELDS = ("year", "level", "type", "subject", "url", "problem number", "part",
-                   "source")
+METADATA_FIELDS = ("year", "level", "type", "subject", "url", "problem number", "problem_number",
+                   "part", "source")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet")
 _LIST_KEYS = ("data", "problems", "examples", "rows", "test", "train", "items")
 
