@@ -186,6 +186,10 @@ class PolicyUpdater:
         return counts
 
     def logprobs(self, base, lora, exp: Experience) -> tuple[jax.Array, jax.Array]:
+        """Token logprobs [B, T] of `exp.tokens` under base (+ lora); see logprobs_fn."""
+        return self.logprobs_fn(base, lora, exp)(base, lora, exp)
+
+    def logprobs_fn(self, base, lora, exp: Experience):
         """Token logprobs [B, T] of `exp.tokens` under base (+ lora), in micro-batches."""
         mb = self.cfg.micro_batch_size
         if exp.batch_size % mb:
@@ -200,8 +204,8 @@ class PolicyUpdater:
             out = jax.lax.map(one, (split(exp.tokens), split(exp.attention_mask)))
             return out.reshape(exp.tokens.shape)
 
-        fn = self._jit("logprobs", run, (base, lora, exp), batch_sharding(self.mesh, 2))
-        return fn(base, lora, exp)
+        # The jitted program itself: arguments may be abstract (the run's plan compiles it ahead of time).
+        return self._jit("logprobs", run, (base, lora, exp), batch_sharding(self.mesh, 2))
 
     def policy_logprobs(self, policy: AgentPolicy, exp: Experience) -> jax.Array:
         return self.logprobs(*self._model_params(policy.state.params, policy.frozen), exp)
@@ -289,10 +293,14 @@ class PolicyUpdater:
         metrics["advantage_max"] = jnp.max(jnp.where(mask, exp.advantages, -jnp.inf))
         return state, metrics
 
+    def update_fn(self, state: TrainState, frozen, exp: Experience):
+        """The jitted update `update` runs for these arguments (which may be abstract: the run's
+        plan compiles it ahead of time)."""
+        return self._jit("update", self._update, (state, frozen, exp),
+                         (param_shardings(self.mesh, state), replicated(self.mesh)), donate=(0,))
+
     def _update_fn(self, policy: AgentPolicy, exp: Experience):
-        state_shardings = param_shardings(self.mesh, policy.state)
-        return self._jit("update", self._update, (policy.state, policy.frozen, exp),
-                         (state_shardings, replicated(self.mesh)), donate=(0,))
+        return self.update_fn(policy.state, policy.frozen, exp)
 
     def update_memory(self, policy: AgentPolicy, exp: Experience):
         """XLA's memory analysis of the compiled update for this policy and experience shape

@@ -88,6 +88,10 @@ class Sampler:
         self._no_stop_table = stop_table_arrays([], cfg.vocab_size)
 
     # ---- compiled programs ----------------------------------------------------------------------
+    def programs(self, lora_graphdef=None):
+        """(prefill, decode), jitted, for a LoRA graph (None: the base model); what generate runs."""
+        return self._programs_for(lora_graphdef)
+
     def _programs_for(self, lora_graphdef):
         if lora_graphdef not in self._programs:
             self._programs[lora_graphdef] = build_programs(
