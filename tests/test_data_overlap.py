@@ -29,6 +29,16 @@ def test_disjoint_sets_pass_and_normalization():
     assert normalize_problem("Ｆind $X$\n y") == normalize_problem("find x y")
 
 
+def test_copies_that_differ_in_dollar_placement_or_a_diagram_are_the_same_problem():
+    # As the MAPPA authors' AIME pool and their aime_eval_32 write the same problems.
+    pool = "Circles of radii $3,$ $4,$ and $5$ meet at $P.$ Find $m+n.$ [asy] size(5cm); draw(unitcircle); [/asy]"
+    copy = "Circles of radii $3$, $4$, and $5$ meet at $P$. Find $m+n$."
+    assert normalize_problem(pool) == normalize_problem(copy)
+    with pytest.raises(DataOverlapError, match="'eval/7' has the same problem text as train 'aime/2022-I-11'"):
+        check_no_overlap([_math("aime/2022-I-11", pool)], [_math("eval/7", copy)])
+    assert normalize_problem("Find $x$. [asy] dot((0,0)); [/asy] Then find $y$.") != normalize_problem("Find $x$.")
+
+
 def test_refuses_data_science_task_sharing_a_directory():
     def ds(task_id, prompt):
         files = DataScienceFiles("/data/tasks/house", "/data/answers/house.csv", "y", "id",

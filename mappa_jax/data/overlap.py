@@ -8,6 +8,9 @@ from typing import Iterable
 from mappa_jax.data.task import DataError, Task
 
 _SPACE_OR_DOLLAR = re.compile(r"[\s$]+")
+# Asymptote diagram source: one copy of an AIME problem carries it, another copy does not (the
+# MAPPA authors' AIME 1983-2024 pool and their aime_eval_32 differ so, e.g. 2022 I #11).
+_ASY_DIAGRAM = re.compile(r"\[asy\].*?\[/asy\]", re.DOTALL | re.IGNORECASE)
 _MAX_LISTED = 20
 
 
@@ -16,9 +19,10 @@ class DataOverlapError(DataError):
 
 
 def normalize_problem(text: str) -> str:
-    """Text key for "same problem": Unicode NFKC, case-folded, whitespace and $ removed."""
+    """Text key for "same problem": Unicode NFKC, case-folded, [asy] diagrams, whitespace and $
+    removed (so "$11,$ $13,$" and "$11$, $13$," agree)."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return _SPACE_OR_DOLLAR.sub("", text)
+    return _SPACE_OR_DOLLAR.sub("", _ASY_DIAGRAM.sub("", text))
 
 
 def find_overlap(train_tasks: Iterable[Task], eval_tasks: Iterable[Task]) -> list[str]:
