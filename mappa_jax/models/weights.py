@@ -261,17 +261,18 @@ def load_gguf(path: str | pathlib.Path, shardings_fn=None, **config_overrides) -
 def load_tokenizer(source: str | pathlib.Path):
     """A transformers tokenizer (with chat template) from a GGUF file or a local model directory.
 
-    Converting a GGUF's vocabulary takes 10+ s, so the converted tokenizer is saved once in the
-    model cache (keyed by the file's name and size) and loaded from there afterwards."""
+    A GGUF's tokenizer is built from its metadata without torch (models/gguf_tokenizer.py). Parsing
+    that metadata takes 5-10 s, so the built tokenizer is saved once in the model cache (keyed by
+    the file's name and size) and loaded from there afterwards."""
     from transformers import AutoTokenizer
-    from mappa_jax.models import hub
+    from mappa_jax.models import gguf_tokenizer, hub
     source = pathlib.Path(source)
     if source.suffix != ".gguf":
         return AutoTokenizer.from_pretrained(str(source))
     cached = hub.cache_dir() / "tokenizers" / f"{source.stem}-{source.stat().st_size}"
     if (cached / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(cached))
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    tokenizer = gguf_tokenizer.load_gguf_tokenizer(source)
     partial = cached.with_name(cached.name + f".partial{os.getpid()}")
     tokenizer.save_pretrained(str(partial))
     try:
