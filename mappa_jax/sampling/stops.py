@@ -14,14 +14,47 @@ but it needs the bytes of every token (byte-level BPE and SentencePiece byte-fal
 other tokenizers fall back to decoding single tokens) and patterns are literal strings, not regexes.
 Host checks would allow arbitrary predicates but either stall the device every few tokens or
 decode past the stop and throw the tokens away.
+
+Reasoning models write <think> ... </think> before their answer, and chat templates of
+Qwen3-Thinking or DeepSeek-R1-Distill open that block in the prompt. `OutsideReasoning(pattern)`
+counts a pattern only in text outside such blocks: its automaton is the product of the pattern's
+and the tags' automata (the pattern's progress is dropped when a block opens; the close tag's own
+bytes never count), so it is still one table lookup per token, with states for "inside" as well.
+`starts_inside=True` is the variant for generations that begin inside a block the prompt opened.
+`match_end` applies the same rules to a string (scripted policies, references in tests).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 
-StopPattern = str | tuple[str, ...]
+REASONING_OPEN, REASONING_CLOSE = "<think>", "</think>"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutsideReasoning:
+    """A stop pattern that counts only outside reasoning blocks (open ... close tags).
+
+    pattern: a string or tuple of strings in order, as a plain stop pattern. starts_inside: the
+    generation begins inside a block (the chat template's generation prompt opened it), so nothing
+    counts until the first close tag. A pattern half-matched when a block opens starts over after
+    the block closes; a block that opens inside a block is part of it (the first close ends it).
+    """
+    pattern: str | tuple[str, ...]
+    starts_inside: bool = False
+    open: str = REASONING_OPEN
+    close: str = REASONING_CLOSE
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            object.__setattr__(self, "pattern", tuple(self.pattern))
+        if not (isinstance(self.open, str) and self.open and isinstance(self.close, str) and self.close):
+            raise ValueError(f"OutsideReasoning tags must be non-empty strings, got {self.open!r} / {self.close!r}")
+
+
+StopPattern = str | tuple[str, ...] | OutsideReasoning
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -97,11 +130,89 @@ def _token_table(automaton: np.ndarray, pieces: list[bytes], vocab_size: int) ->
     return table
 
 
+def _gated_automaton(parts: tuple[bytes, ...], open_tag: bytes, close_tag: bytes, starts_inside: bool) -> np.ndarray:
+    """[states, 256] for `parts` counted only outside open ... close blocks; state 0 is the start
+    (inside a block when starts_inside), the last state accepts. Built as the product of the
+    pattern's automaton with the open tag's (outside) and the close tag's (inside), reduced to
+    the states reachable from the start."""
+    stop, opener, closer = _byte_automaton(parts), _byte_automaton((open_tag,)), _byte_automaton((close_tag,))
+    done, opened, closed = len(stop) - 1, len(opener) - 1, len(closer) - 1
+    outside = done * opened  # OUT(p, q) = p * opened + q, neither the pattern nor the open tag complete
+    inside0, accept = outside, outside + closed  # IN(r) = inside0 + r
+    table = np.empty((accept + 1, 256), np.int32)
+    p, q = np.divmod(np.arange(outside), opened)
+    p2, q2 = stop[p], opener[q]
+    table[:outside] = np.where(p2 == done, accept, np.where(q2 == opened, inside0, p2 * opened + q2))
+    r2 = closer[:closed]
+    table[inside0:accept] = np.where(r2 == closed, 0, inside0 + r2)  # a closed block: OUT(0, 0) = 0
+    table[accept] = accept
+    start = inside0 if starts_inside else 0
+    order, seen = [start], {start, accept}
+    for state in order:  # breadth-first; `order` grows while it is walked
+        for nxt in np.unique(table[state]).tolist():
+            if nxt not in seen:
+                seen.add(nxt)
+                order.append(nxt)
+    order.append(accept)
+    renumber = np.full((accept + 1,), -1, np.int32)
+    renumber[order] = np.arange(len(order), dtype=np.int32)
+    return renumber[table[order]]
+
+
+def _automaton(pattern: StopPattern) -> np.ndarray:
+    if isinstance(pattern, OutsideReasoning):
+        return _gated_automaton(_as_parts(pattern.pattern), pattern.open.encode("utf-8"),
+                                pattern.close.encode("utf-8"), pattern.starts_inside)
+    return _byte_automaton(_as_parts(pattern))
+
+
 def _as_parts(pattern: StopPattern) -> tuple[bytes, ...]:
+    if isinstance(pattern, OutsideReasoning):
+        return _as_parts(pattern.pattern)
     parts = (pattern,) if isinstance(pattern, str) else tuple(pattern)
     if not parts or not all(isinstance(p, str) and p for p in parts):
         raise ValueError(f"stop_strings entry {pattern!r} must be a non-empty string or a tuple of non-empty strings")
     return tuple(p.encode("utf-8") for p in parts)
+
+
+def _normalized(pattern) -> StopPattern:
+    return pattern if isinstance(pattern, (str, OutsideReasoning)) else tuple(pattern)
+
+
+def _chain_end(text: str, parts: tuple[str, ...]) -> int | None:
+    position = 0
+    for part in parts:
+        found = text.find(part, position)
+        if found == -1:
+            return None
+        position = found + len(part)
+    return position
+
+
+def match_end(text: str, pattern: StopPattern) -> int | None:
+    """Where `pattern` first completes in `text` (the index just past it), by the rules the device
+    tables follow; None when it does not. For hosts that see text: scripted policies, tests."""
+    pattern = _normalized(pattern)
+    _as_parts(pattern)
+    if not isinstance(pattern, OutsideReasoning):
+        return _chain_end(text, (pattern,) if isinstance(pattern, str) else pattern)
+    parts = (pattern.pattern,) if isinstance(pattern.pattern, str) else pattern.pattern
+    position, inside = 0, pattern.starts_inside
+    while True:
+        if inside:
+            close = text.find(pattern.close, position)
+            if close == -1:
+                return None
+            position, inside = close + len(pattern.close), False
+            continue
+        opening = text.find(pattern.open, position)
+        stretch_end = len(text) if opening == -1 else opening + len(pattern.open)
+        end = _chain_end(text[position:stretch_end], parts)
+        if end is not None:
+            return position + end
+        if opening == -1:
+            return None
+        position, inside = stretch_end, True
 
 
 def _round_up_pow2(n: int, minimum: int) -> int:
@@ -113,7 +224,7 @@ def _round_up_pow2(n: int, minimum: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _compiled(patterns: tuple, pieces: tuple[bytes, ...], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    tables = [_token_table(_byte_automaton(_as_parts(p)), list(pieces), vocab_size) for p in patterns]
+    tables = [_token_table(_automaton(p), list(pieces), vocab_size) for p in patterns]
     return stop_table_arrays(tables, vocab_size)
 
 
@@ -135,7 +246,7 @@ def stop_table_arrays(tables: list[np.ndarray], vocab_size: int) -> tuple[np.nda
 def compile_stop_patterns(patterns, pieces, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(next_state [patterns, states, vocab] int32, accept [patterns] int32) for `patterns`, given
     each token's bytes (`token_bytes(tokenizer)`). Every row starts in state 0 of every pattern."""
-    patterns = tuple(p if isinstance(p, str) else tuple(p) for p in patterns)
+    patterns = tuple(_normalized(p) for p in patterns)
     for p in patterns:
         _as_parts(p)  # validate before the (cached) build
     return _compiled(patterns, tuple(pieces), vocab_size)

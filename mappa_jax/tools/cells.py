@@ -36,6 +36,16 @@ def strip_thinking(text: str) -> str:
     return "\n".join(visible)
 
 
+def ends_inside_reasoning(text: str) -> bool:
+    """Whether text ends inside a <think> block that no </think> after it closes (a chat
+    template's generation prompt that opens reasoning; a reply whose reasoning never closed)."""
+    opens = [m.start() for m in _THINK_OPEN.finditer(text)]
+    if not opens:
+        return False
+    last_close = max((m.start() for m in _THINK_CLOSE.finditer(text)), default=-1)
+    return opens[-1] > last_close
+
+
 def extract_code_cells(text: str) -> list[str]:
     """Fenced ```python / ```py / ``` blocks outside <think> regions, in order, dedented.
 

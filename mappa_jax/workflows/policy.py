@@ -9,9 +9,9 @@ import asyncio
 import dataclasses
 from typing import Any, Callable, Mapping, Protocol, Sequence, Union, runtime_checkable
 
-
-# A stop string, or strings that must appear in that order (as mappa_jax.sampling matches them).
-StopPattern = Union[str, tuple[str, ...]]
+# A stop string, or strings that must appear in that order, or either counted only outside
+# reasoning blocks (OutsideReasoning), as mappa_jax.sampling matches them.
+from mappa_jax.sampling.stops import StopPattern, match_end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +61,6 @@ class PolicyCall:
     seed: int
 
 
-def _match_end(text: str, pattern: StopPattern) -> int | None:
-    """Where a stop pattern (a string, or strings that must appear in order) ends in text."""
-    parts = (pattern,) if isinstance(pattern, str) else tuple(pattern)
-    position = 0
-    for part in parts:
-        found = text.find(part, position)
-        if found == -1:
-            return None
-        position = found + len(part)
-    return position
-
-
 class ScriptedPolicy:
     """Serves canned completions through the Policy interface, tokenized with the real tokenizer.
 
@@ -116,7 +104,7 @@ class ScriptedPolicy:
         return out
 
     def _tokenize(self, text: str, max_new_tokens: int, stop_strings: Sequence[StopPattern]) -> Generation:
-        ends = [end for end in (_match_end(text, p) for p in stop_strings) if end is not None]
+        ends = [end for end in (match_end(text, p) for p in stop_strings) if end is not None]
         stopped = bool(ends)
         if stopped:
             text = text[:min(ends)]

@@ -5,6 +5,13 @@ ONE generate call; the code of those turns then runs concurrently in each episod
 finished action goes at once to `on_action` (e.g. the coach's submit), whose result is not awaited.
 An episode that fails (exception, timeout, prompt too long) is marked failed with the reason and
 leaves the batch; the others go on.
+
+Reasoning models: where the chat template's generation prompt opens a <think> block, or the
+tokenizer has the reasoning tags as tokens (the model may open one itself), every stop pattern of
+the agent counts only outside reasoning (`OutsideReasoning`, matched on device), so a code fence
+inside the reasoning neither ends the turn nor runs. The action's text then carries the <think>
+the prompt opened, so every reader (code extraction, downstream agents, the coach, the final
+answer) sees the same reasoning block; an action whose reasoning never closes is truncated.
 """
 from __future__ import annotations
 
@@ -16,7 +23,9 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from mappa_jax.coach.prompts import truncate_middle
 from mappa_jax.data.latex import last_boxed
+from mappa_jax.sampling.stops import REASONING_OPEN, OutsideReasoning
 from mappa_jax.tools import extract_code_cells
+from mappa_jax.tools.cells import ends_inside_reasoning
 from mappa_jax.workflows.chat import ChatFormat, strip_think
 from mappa_jax.workflows.policy import Generation, Policy
 from mappa_jax.workflows.records import (Action, EpisodeResult, RunResult, RunTimings, ToolRecord,
@@ -78,6 +87,8 @@ class _Episode:
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
     messages: list[dict] = dataclasses.field(default_factory=list)
     agent_active: bool = False
+    # The current prompt's generation prompt left a reasoning block open (see ChatFormat).
+    starts_in_reasoning: bool = False
     # The workspace's files as of the last code run (only code runs change them): what prompts and
     # actions show, the same on every host even where another host ran the code.
     files: tuple[str, ...] = ()
@@ -181,7 +192,7 @@ class EpisodeRunner:
                 if not active:
                     break
                 call_seed = _call_seed(seed, agent_index, turn)
-                generations = await self._generate(spec, [e.prompt_ids for e in active], call_seed)
+                generations = await self._generate(spec, active, call_seed)
                 share = (self._sampling_intervals[-1][1] - self._sampling_intervals[-1][0]) / len(active)
                 await asyncio.gather(*(
                     self._finish_turn(e, spec, turn, g, share, call_seed)
@@ -225,6 +236,7 @@ class EpisodeRunner:
                     {"role": "user", "content": self._context(episode, spec)}]
         episode.prompt_ids, _ = self.chat.first_prompt(messages)
         episode.messages = messages
+        episode.starts_in_reasoning = self.chat.opens_reasoning(messages)
         episode.agent_active = True
 
     async def _check_before_turn(self, episode: _Episode, spec: AgentSpec, turn: int) -> None:
@@ -281,40 +293,64 @@ class EpisodeRunner:
             parts.append("Files in the working directory: " + (", ".join(files) if files else "none"))
         return "\n\n".join(parts)
 
-    async def _generate(self, spec: AgentSpec, prompts: list[list[int]], seed: int) -> list[Generation]:
+    def _reasoning_gated(self, episode: _Episode) -> bool:
+        """Whether this episode's turn is read as a reasoning model's (see the module doc)."""
+        return episode.starts_in_reasoning or self.chat.reasoning_tokens
+
+    def _stop_strings(self, spec: AgentSpec, episode: _Episode) -> tuple:
+        if not self._reasoning_gated(episode):
+            return spec.stop_strings
+        return tuple(OutsideReasoning(p, starts_inside=episode.starts_in_reasoning)
+                     for p in spec.stop_strings)
+
+    async def _generate(self, spec: AgentSpec, episodes: list[_Episode], seed: int) -> list[Generation]:
+        """One generate call per distinct stop set (a single one unless prompts of the same turn
+        differ in whether they open reasoning), generations in the order of `episodes`."""
         t0 = time.perf_counter()
-        generations = await self.policy.generate(spec.policy, prompts, spec.max_new_tokens,
-                                                 spec.stop_strings, spec.temperature, seed)
+        groups: dict[tuple, list[int]] = {}
+        for index, episode in enumerate(episodes):
+            groups.setdefault(self._stop_strings(spec, episode), []).append(index)
+        generations: list[Generation | None] = [None] * len(episodes)
+        for stops, members in groups.items():
+            prompts = [episodes[i].prompt_ids for i in members]
+            out = await self.policy.generate(spec.policy, prompts, spec.max_new_tokens, stops,
+                                             spec.temperature, seed)
+            if len(out) != len(prompts):
+                raise RuntimeError(f"policy {spec.policy!r} returned {len(out)} generations "
+                                   f"for {len(prompts)} prompts")
+            for i, gen in zip(members, out):
+                generations[i] = gen
         self._sampling_intervals.append((t0, time.perf_counter()))
-        if len(generations) != len(prompts):
-            raise RuntimeError(f"policy {spec.policy!r} returned {len(generations)} generations "
-                               f"for {len(prompts)} prompts")
         self._generated_tokens += sum(len(g.token_ids) for g in generations)
-        return list(generations)
+        return generations
 
     async def _finish_turn(self, episode: _Episode, spec: AgentSpec, turn: int, gen: Generation,
                            sampling_share: float, seed: int) -> None:
         try:
             tool = None
-            cells = self.extract_cells(gen.text) if spec.uses_python else []
+            # The turn as the template framed it: the <think> the prompt opened, then the reply.
+            text = REASONING_OPEN + gen.text if episode.starts_in_reasoning else gen.text
+            # Reasoning that never closed within the budget leaves no answer: a truncated action.
+            truncated = gen.truncated or (self._reasoning_gated(episode) and ends_inside_reasoning(text))
+            cells = self.extract_cells(text) if spec.uses_python else []
             if cells:
                 tool = await self._decide(episode.result.episode_id, f"{spec.name}/{turn}/code",
                                           lambda: self._run_code(episode, spec, turn, cells))
                 episode.files = tool.files_present
             # Another turn only when code ran, the turn ended properly and turns remain.
-            last_turn = tool is None or gen.truncated or turn + 1 >= spec.max_turns
+            last_turn = tool is None or truncated or turn + 1 >= spec.max_turns
             files_after = episode.files if episode.workspace is not None else ()
             action = Action(
                 episode_id=episode.result.episode_id, task_id=episode.result.task_id,
                 agent=spec.name, policy=spec.policy, turn=turn,
                 prompt_ids=tuple(episode.prompt_ids), generated_ids=gen.token_ids,
-                logprobs=gen.logprobs, truncated=gen.truncated, text=gen.text,
+                logprobs=gen.logprobs, truncated=truncated, text=text,
                 messages=tuple(dict(m) for m in episode.messages), tool=tool,
                 sampling_wall_s=sampling_share, tool_wall_s=tool.wall_s if tool else 0.0,
                 seed=seed, last_turn=last_turn, files_after=files_after,
                 workspace_dir=episode.result.workspace_dir)
             episode.result.actions.append(action)
-            episode.history.append(_Turn(spec, turn, gen.text, tool))
+            episode.history.append(_Turn(spec, turn, text, tool))
             if self.on_action is not None:
                 self.on_action(action)
             if last_turn:
@@ -324,8 +360,9 @@ class EpisodeRunner:
             role = self.topology.tool_output_role
             episode.prompt_ids = (list(episode.prompt_ids) + list(gen.token_ids)
                                   + self.chat.continuation_ids(role, content, gen.token_ids))
-            episode.messages = episode.messages + [{"role": "assistant", "content": gen.text},
+            episode.messages = episode.messages + [{"role": "assistant", "content": text},
                                                    {"role": role, "content": content}]
+            episode.starts_in_reasoning = self.chat.opens_reasoning(episode.messages)
         except Exception as err:  # noqa: BLE001 - one episode's failure must not stop the batch
             self._fail(episode, err)
 

@@ -33,7 +33,8 @@ class AgentSpec:
     upstream_tool_outputs: whether it also sees their execution outputs. expected_files: files the
     role must leave in the workspace (shown to the coach, checked by the harness). stop_strings:
     each a string, or a tuple of strings that must appear in that order (("```python", "```")
-    stops where a Python block closes, not at its opening backticks), as mappa_jax.sampling takes.
+    stops where a Python block closes, not at its opening backticks), as mappa_jax.sampling takes;
+    for reasoning models the runner counts them only outside <think> ... </think>.
     """
     name: str
     role: str

@@ -11,7 +11,8 @@ import ml_collections
 from mappa_jax.workflows.specs import agent_config
 
 # Generation of a code turn stops once a Python block closes, so the code runs before the model
-# invents its output: "```python", then the next "```" (not the opener's own backticks).
+# invents its output: "```python", then the next "```" (not the opener's own backticks). For
+# reasoning models the runner counts it only outside <think> ... </think> (see workflows/runner.py).
 END_OF_CODE_BLOCK = ("```python", "```")
 
 _MATH_TEAM = ("You are one of three agents who solve a competition math problem together: a Problem "
