@@ -37,6 +37,14 @@ def base_config() -> ml_collections.ConfigDict:
     # llama/qwen2/qwen3 decoder sized by model.random_*, for tests; its tokenizer is model.tokenizer).
     c.model.source = "smollm2"
     c.model.tokenizer = ""          # tokenizer source; "" = the model source ("smollm2" for random:)
+    # Mixed precision. param_dtype: the master copy of every trained parameter (full finetuning:
+    # the model; LoRA: the adapters), its gradients and AdamW's two moments; each update is added
+    # in it. Keep it float32: in bfloat16 an update at RL learning rates (~1e-6 per weight) is far
+    # below half a bf16 step of a typical weight (~6e-5 at 0.02) and rounds away. dtype: the compute
+    # dtype of the forward and backward passes and of weights that are only read: the frozen
+    # reference, LoRA's shared base, and the sampler's copy of each policy (cast once per update,
+    # not per token). RMSNorm scales stay in param_dtype (they are applied in float32). float32 /
+    # bfloat16 is the usual accelerator setting (the paper configs); the memory check counts both.
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"       # compute dtype; "bfloat16" on TPU/GPU
     c.model.random_layers = 2
@@ -116,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 8
     c.train.keep_checkpoints = 3
     c.train.export_hf = True        # write each trained policy as HF safetensors at the end
+    c.train.export_dtype = ""       # dtype of the exported tensors; "" = model.dtype
     c.train.episode_timeout_s = 1800.0
     c.train.sandbox_wall_timeout_s = 60.0
     c.train.sandbox_memory_mb = 4096
@@ -157,6 +166,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.train_attention not in ("dense", "blockwise"):
         raise ConfigError(f"config key 'model.train_attention' must be 'dense' or 'blockwise', "
                           f"got {config.model.train_attention!r}")
+    dtypes = ("float32", "bfloat16", "float16")
+    for key, value in (("model.param_dtype", config.model.param_dtype), ("model.dtype", config.model.dtype),
+                       ("train.export_dtype", config.train.export_dtype or config.model.dtype)):
+        if value not in dtypes:
+            raise ConfigError(f"config key {key!r} must be one of {dtypes}, got {value!r}")
     if config.mesh.memory_check not in ("auto", "raise", "warn"):
         raise ConfigError("config key 'mesh.memory_check' must be 'auto', 'raise' or 'warn', "
                           f"got {config.mesh.memory_check!r}")

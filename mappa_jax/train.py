@@ -35,7 +35,7 @@ from mappa_jax.eval import grade_math, score_submission
 from mappa_jax.metrics import MetricsWriter, Progress
 from mappa_jax.models import hub, weights
 from mappa_jax.models.config import ModelConfig
-from mappa_jax.models.decoder import Decoder
+from mappa_jax.models.decoder import Decoder, compute_copy
 from mappa_jax.models.lora import LoraAdapters, merge_lora
 from mappa_jax.parallel import distributed, memory_check
 from mappa_jax.rl.config import RLConfig
@@ -50,9 +50,10 @@ from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, Sample
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def load_model(model_config, seed: int, shardings_fn=None, before_weights=None):
+def load_model(model_config, seed: int, shardings_fn=None, before_weights=None, frozen: bool = False):
     """(ModelConfig, params state, tokenizer) for `config.model` (see mappa_jax/config.py).
-    before_weights(cfg) runs once the architecture is known, before any weight is read or made."""
+    before_weights(cfg) runs once the architecture is known, before any weight is read or made.
+    frozen: weights that are never trained (LoRA's base) come in the compute dtype (compute_copy)."""
     source = model_config.source
     dtypes = dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype)
     before_weights = before_weights or (lambda cfg: None)
@@ -64,6 +65,7 @@ def load_model(model_config, seed: int, shardings_fn=None, before_weights=None):
                                eos_token_ids=(tokenizer.eos_token_id,), **dtypes)
         before_weights(cfg)
         state = nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
+        state = compute_copy(state, cfg.jnp_dtype) if frozen else state
         if shardings_fn is not None:
             state = jax.device_put(state, shardings_fn(state))
         return cfg, state, tokenizer
@@ -71,10 +73,10 @@ def load_model(model_config, seed: int, shardings_fn=None, before_weights=None):
     if path.endswith(".gguf"):
         import gguf
         before_weights(weights.gguf_config(gguf.GGUFReader(path), **dtypes))
-        cfg, state = weights.load_gguf(path, shardings_fn, **dtypes)
+        cfg, state = weights.load_gguf(path, shardings_fn, frozen, **dtypes)
     else:
         before_weights(ModelConfig.from_hf(pathlib.Path(path) / "config.json", **dtypes))
-        cfg, state = weights.load_hf(path, shardings_fn, **dtypes)
+        cfg, state = weights.load_hf(path, shardings_fn, frozen, **dtypes)
     tokenizer = weights.load_tokenizer(_resolve_source(model_config.tokenizer) if model_config.tokenizer else path)
     return cfg, state, tokenizer
 
@@ -178,7 +180,8 @@ class Trainer:
                   f"on {jax.process_count()} host(s)")
         shardings_fn = lambda state: parallel.param_shardings(self.mesh, state)
         self.model_cfg, self.base, self.tokenizer = load_model(config.model, config.seed, shardings_fn,
-                                                               before_weights=self._check_memory)
+                                                               before_weights=self._check_memory,
+                                                               frozen=config.policy.mode == "lora")
         m = config.model  # the update's graph may trade compute for memory; the params are the same
         self.graphdef = weights.abstract_model(self.model_cfg.replace(
             remat=m.train_remat, attention_impl=m.train_attention, attention_block_size=m.train_attention_block))[0]
@@ -234,11 +237,15 @@ class Trainer:
             self._log(f"memory warning: {estimate.problem}")
 
     def _refresh_sampler_weights(self) -> None:
+        """The sampler samples from each policy's compute-dtype copy, cast once here per update
+        (a no-op when param_dtype is the compute dtype) instead of at every decoded token."""
+        dtype = self.sampler.cfg.jnp_dtype
         for name, policy in self.policies.items():
+            trained = compute_copy(policy.state.params, dtype)
             if self.lora_graphdef is not None:
-                self.policy.set_weights(name, self.base, nnx.merge(self.lora_graphdef, policy.state.params))
+                self.policy.set_weights(name, self.base, nnx.merge(self.lora_graphdef, trained))
             else:
-                self.policy.set_weights(name, policy.state.params)
+                self.policy.set_weights(name, trained)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
@@ -496,8 +503,9 @@ class Trainer:
             for name, policy in self.policies.items():
                 state = policy.state.params
                 if self.lora_graphdef is not None:
-                    state = merge_lora(self.model_cfg, self.base, nnx.merge(self.lora_graphdef, state))
-                out = weights.save_hf(self.model_cfg, state, self.workdir / "exports" / name, self.tokenizer)
+                    state = merge_lora(self.model_cfg, self.base, nnx.merge(self.lora_graphdef, state), "float32")
+                out = weights.save_hf(self.model_cfg, state, self.workdir / "exports" / name, self.tokenizer,
+                                      dtype=self.config.train.export_dtype or self.model_cfg.dtype)
                 self._log(f"exported policy {name!r} to {out}")
         self.push_outputs()
 

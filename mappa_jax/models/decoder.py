@@ -232,6 +232,35 @@ def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512,
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, hq * d).astype(dtype)
 
 
+# ---- precision ---------------------------------------------------------------------------------
+# Parameters live in ModelConfig.param_dtype (the master copy that the optimizer updates: float32
+# under bf16 compute) and are cast to the compute dtype `ModelConfig.dtype` where they are used,
+# except the RMSNorm scales, which `rms_norm` reads in float32 whatever the compute dtype.
+FLOAT32_PARAMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm")
+
+
+def _param_name(path) -> str:
+    return next(str(k.key) for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+
+
+def compute_copy(state, dtype):
+    """`state` (a decoder's or LoRA adapters' parameters, arrays or ShapeDtypeStructs) as a forward
+    pass in compute `dtype` reads it: matmul weights, embeddings and biases cast to `dtype` once,
+    norm scales as they are. A model run on the copy computes exactly what it computes on `state`
+    (it casts at use), so frozen weights (the reference, LoRA's shared base) and the sampler's copy
+    are held this way, at half the bytes of float32 and with no per-token cast in decoding. Leaves
+    already in their dtype are returned as they are (not copied); shardings are kept."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, leaf):
+        if _param_name(path) in FLOAT32_PARAMS or leaf.dtype == dtype:
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+        return leaf.astype(dtype)
+    return jax.tree_util.tree_map_with_path(cast, state)
+
+
 class Decoder(nnx.Module):
     """Token ids -> next-token logits, with an optional KV cache and optional LoRA adapters."""
 

@@ -24,7 +24,7 @@ class LoraAdapters(nnx.Module):
         self.targets = tuple(targets)
         self.scale = float(alpha) / rank
         shapes = projection_shapes(cfg)
-        pdt = cfg.jnp_param_dtype
+        pdt = cfg.jnp_param_dtype  # the adapters are what LoRA trains: the master dtype
         for name in self.targets:
             fan_in, fan_out = shapes[name]
             a = nnx.initializers.normal(1.0 / fan_in ** 0.5)(rngs.params(), (cfg.num_layers, fan_in, rank), pdt)
@@ -35,13 +35,15 @@ class LoraAdapters(nnx.Module):
         return {name: (getattr(self, f"{name}_a")[...], getattr(self, f"{name}_b")[...]) for name in self.targets}
 
 
-def merge_lora(cfg: ModelConfig, base_state: nnx.State, adapters: LoraAdapters) -> nnx.State:
-    """The base state with W + scale * A B folded in: a plain decoder state for export/serving.
-    The base itself is left untouched (other agents share it)."""
+def merge_lora(cfg: ModelConfig, base_state: nnx.State, adapters: LoraAdapters, dtype=None) -> nnx.State:
+    """The base state with W + scale * A B folded in (in float32): a plain decoder state for
+    export/serving, the merged projections in `dtype` (None: the base's own, e.g. the compute dtype
+    of a frozen base). The base itself is left untouched (other agents share it)."""
     merged = nnx.to_pure_dict(base_state)
     for name, (a, b) in adapters.layer_params().items():
         w = merged[name]
-        merged[name] = (w.astype(jnp.float32) + adapters.scale * jnp.einsum("lir,lro->lio", a, b)).astype(w.dtype)
+        delta = adapters.scale * jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32))
+        merged[name] = (w.astype(jnp.float32) + delta).astype(dtype or w.dtype)
     state = jax.tree.map(lambda x: x, base_state)  # a new State container over the same arrays
     nnx.replace_by_pure_dict(state, merged)
     return state

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from mappa_jax.models.config import ModelConfig
-from mappa_jax.models.decoder import Decoder
+from mappa_jax.models.decoder import Decoder, compute_copy
 
 # our name -> (HF name template, transpose?); "{i}" is the layer index.
 _LAYER_NAMES = {
@@ -57,9 +57,11 @@ _GGUF_NAMES = {
 TensorReader = Callable[[str, tuple], np.ndarray]  # (hf_name, index into the HF tensor) -> array
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph definition and shape-only state of a Decoder: nothing is allocated."""
-    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+def abstract_model(cfg: ModelConfig, frozen: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only state of a Decoder: nothing is allocated. frozen: the dtypes
+    of weights that are never trained (compute dtype; see decoder.compute_copy), else param_dtype."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, compute_copy(state, cfg.jnp_dtype) if frozen else state
 
 
 def _hf_source(cfg: ModelConfig, name: str) -> tuple[str, bool, bool]:
@@ -84,24 +86,24 @@ def _read_stacked(read: TensorReader, cfg: ModelConfig, name: str, index: tuple,
     return np.stack([one(template.format(i=i), index[1:]) for i in layers])
 
 
-def load_state(cfg: ModelConfig, read: TensorReader, shardings=None) -> nnx.State:
+def load_state(cfg: ModelConfig, read: TensorReader, shardings=None, frozen: bool = False) -> nnx.State:
     """A Decoder state filled from HF-named tensors; each leaf placed with its sharding.
 
     `shardings` is a pytree matching the state (e.g. `mappa_jax.parallel.param_shardings`), or None
-    for the default device.
+    for the default device. frozen: weights that are never trained (LoRA's shared base) load in the
+    compute dtype (norm scales in param_dtype), trained ones in param_dtype (the master copy).
     """
-    _, abstract = abstract_model(cfg)
+    _, abstract = abstract_model(cfg, frozen)
     pure = nnx.to_pure_dict(abstract)
     if shardings is None:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), pure)
     elif isinstance(shardings, nnx.State):
         shardings = nnx.to_pure_dict(shardings)
-    dtype = np.dtype(cfg.jnp_param_dtype)
     loaded = {}
     for name, leaf in pure.items():
         loaded[name] = jax.make_array_from_callback(
             leaf.shape, shardings[name],
-            lambda index, name=name: _read_stacked(read, cfg, name, index, dtype))
+            lambda index, name=name, dtype=np.dtype(leaf.dtype): _read_stacked(read, cfg, name, index, dtype))
     nnx.replace_by_pure_dict(abstract, loaded)
     return abstract
 
@@ -138,19 +140,23 @@ def safetensors_reader(model_dir: str | pathlib.Path) -> TensorReader:
     return read
 
 
-def load_hf(model_dir: str | pathlib.Path, shardings_fn=None, **config_overrides) -> tuple[ModelConfig, nnx.State]:
-    """(config, state) from a local HF snapshot. `shardings_fn(abstract_state)` gives placements."""
+def load_hf(model_dir: str | pathlib.Path, shardings_fn=None, frozen: bool = False,
+            **config_overrides) -> tuple[ModelConfig, nnx.State]:
+    """(config, state) from a local HF snapshot. `shardings_fn(abstract_state)` gives placements;
+    frozen: see load_state."""
     cfg = ModelConfig.from_hf(pathlib.Path(model_dir) / "config.json", **config_overrides)
     shardings = None if shardings_fn is None else shardings_fn(abstract_model(cfg)[1])
-    return cfg, load_state(cfg, safetensors_reader(model_dir), shardings)
+    return cfg, load_state(cfg, safetensors_reader(model_dir), shardings, frozen)
 
 
-def hf_tensors(cfg: ModelConfig, state: nnx.State) -> dict[str, np.ndarray]:
-    """Our state as HF-named, HF-shaped host arrays (gathers sharded arrays)."""
+def hf_tensors(cfg: ModelConfig, state: nnx.State, dtype=None) -> dict[str, np.ndarray]:
+    """Our state as HF-named, HF-shaped host arrays (gathers sharded arrays), cast to `dtype` (a
+    name in ModelConfig's dtypes; None keeps each array's own)."""
     out = {}
     for name, value in nnx.to_pure_dict(state).items():
         template, transpose, stacked = _hf_source(cfg, name)
         value = np.asarray(jax.device_get(value))
+        value = value if dtype is None else value.astype(jax.numpy.dtype(dtype))
         if stacked:
             for i in range(cfg.num_layers):
                 out[template.format(i=i)] = np.ascontiguousarray(value[i].T if transpose else value[i])
@@ -159,12 +165,15 @@ def hf_tensors(cfg: ModelConfig, state: nnx.State) -> dict[str, np.ndarray]:
     return out
 
 
-def save_hf(cfg: ModelConfig, state: nnx.State, out_dir: str | pathlib.Path, tokenizer=None) -> pathlib.Path:
-    """Writes config.json + model.safetensors (+ tokenizer files) that transformers loads."""
+def save_hf(cfg: ModelConfig, state: nnx.State, out_dir: str | pathlib.Path, tokenizer=None,
+            dtype: str | None = None) -> pathlib.Path:
+    """Writes config.json + model.safetensors (+ tokenizer files) that transformers loads; tensors
+    in `dtype` ("float32", "bfloat16", "float16"; None = cfg.param_dtype), which config.json names."""
     from safetensors.numpy import save_file
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(hf_tensors(cfg, state), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = cfg.replace(param_dtype=dtype or cfg.param_dtype)
+    save_file(hf_tensors(cfg, state, cfg.param_dtype), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
@@ -250,12 +259,13 @@ def gguf_reader(path: str | pathlib.Path, cfg: ModelConfig | None = None):
     return cfg, read
 
 
-def load_gguf(path: str | pathlib.Path, shardings_fn=None, **config_overrides) -> tuple[ModelConfig, nnx.State]:
+def load_gguf(path: str | pathlib.Path, shardings_fn=None, frozen: bool = False,
+              **config_overrides) -> tuple[ModelConfig, nnx.State]:
     import gguf
     cfg = gguf_config(gguf.GGUFReader(str(path)), **config_overrides) if config_overrides else None
     cfg, read = gguf_reader(path, cfg)
     shardings = None if shardings_fn is None else shardings_fn(abstract_model(cfg)[1])
-    return cfg, load_state(cfg, read, shardings)
+    return cfg, load_state(cfg, read, shardings, frozen)
 
 
 def load_tokenizer(source: str | pathlib.Path):

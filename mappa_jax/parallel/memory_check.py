@@ -2,8 +2,11 @@
 
 The estimate follows what the code keeps on each device:
 - resident for the whole run: every agent's weights (LoRA: one shared frozen base), the frozen
-  reference (full finetuning: one copy per agent; LoRA: the base itself, free), LoRA adapters, and
-  AdamW's two moments per trained parameter (optax keeps them in the parameter dtype);
+  reference (full finetuning: one copy per agent; LoRA: the base itself, free), LoRA adapters,
+  AdamW's two moments per trained parameter, and the sampler's compute copy of each agent's trained
+  weights. Trained weights and moments are in model.param_dtype (the master copy: float32 under
+  bf16 compute); frozen weights and the sampler's copy in the compute dtype model.dtype (norm
+  scales stay in param_dtype: `decoder.compute_copy`), and that copy exists only when the two differ;
 - while one agent updates (mappa_jax/rl/update.py): the gradient accumulator, one micro-batch's
   gradients and the optimizer's updates (3 x the trained parameters), the activations the layer
   scan saves for the backward pass (dense attention materializes [T, T] scores; `remat` keeps only
@@ -97,7 +100,7 @@ class MemoryEstimate:
     # Why the run would not fit, when the check only warns (CPU); None = it fits or was not checked.
     problem: str | None = None
 
-    RESIDENT = ("weights", "reference", "adapters", "optimizer")
+    RESIDENT = ("weights", "reference", "adapters", "optimizer", "compute_copies")
 
     @property
     def resident(self) -> int:
@@ -145,9 +148,9 @@ def _sharded_bytes(state, mesh_sizes: Mapping[str, int]) -> int:
     return total
 
 
-def _abstract_params(cfg: ModelConfig):
+def _abstract_params(cfg: ModelConfig, frozen: bool = False):
     from mappa_jax.models.weights import abstract_model
-    return abstract_model(cfg)[1]
+    return abstract_model(cfg, frozen)[1]
 
 
 def _abstract_adapters(cfg: ModelConfig, rank: int, targets):
@@ -164,14 +167,19 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
         raise ValueError(f"memory estimate needs positive mesh sizes for {AXES}, got {dict(mesh_sizes)}")
     sizes = {a: int(mesh_sizes[a]) for a in AXES}
     cfg, n_agents = work.model, work.num_agents
-    params = _sharded_bytes(_abstract_params(cfg), sizes)
+    from mappa_jax.models.decoder import compute_copy
+    params = _sharded_bytes(_abstract_params(cfg), sizes)            # master: param_dtype
+    frozen = _sharded_bytes(_abstract_params(cfg, frozen=True), sizes)  # compute dtype
     if work.lora_rank:
-        trained = _sharded_bytes(_abstract_adapters(cfg, work.lora_rank, work.lora_targets), sizes)
-        weights, reference, adapters = params, 0, n_agents * trained
+        adapter_state = _abstract_adapters(cfg, work.lora_rank, work.lora_targets)
+        trained = _sharded_bytes(adapter_state, sizes)
+        copy = _sharded_bytes(compute_copy(adapter_state, cfg.jnp_dtype), sizes)
+        weights, reference, adapters = frozen, 0, n_agents * trained
     else:
-        trained = params
-        weights, reference, adapters = n_agents * params, n_agents * params, 0
-    optimizer = 2 * n_agents * trained  # AdamW mu and nu, parameter dtype
+        trained, copy = params, frozen
+        weights, reference, adapters = n_agents * params, n_agents * frozen, 0
+    optimizer = 2 * n_agents * trained  # AdamW mu and nu, in the trained parameters' dtype
+    compute_copies = n_agents * copy if cfg.param_dtype != cfg.dtype else 0
 
     dt = _DTYPE_BYTES[cfg.dtype]
     batch_shards = sizes["data"] * sizes["fsdp"]
@@ -220,7 +228,7 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
     prefill = int(per_slot * prompt + temporaries + scores + rows * v * 4 / vocab_t)
 
     terms = {"weights": weights, "reference": reference, "adapters": adapters, "optimizer": optimizer,
-             "gradients": gradients, "activations": activations, "logits": logits,
+             "compute_copies": compute_copies, "gradients": gradients, "activations": activations, "logits": logits,
              "kv_cache": kv_cache, "prefill": prefill}
     return MemoryEstimate(sizes, work.lora_rank, terms)
 

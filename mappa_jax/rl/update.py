@@ -8,6 +8,10 @@ same executable. Two policy layouts:
 - full: each agent trains its own parameter set; its reference is a separate frozen copy;
 - LoRA: agents share one frozen base and train only their `LoraAdapters`; the reference is the
   base with adapters off, which costs no extra memory.
+Mixed precision: trained parameters, their gradients and AdamW's moments stay in the parameters'
+own dtype (ModelConfig.param_dtype, the float32 master copy), and each update is added there; the
+forward and backward passes run in the model's compute dtype (the decoder casts weights at use).
+Frozen weights (the full reference) are held as `decoder.compute_copy`, which gives the same logits.
 Logits exist only where logprobs are needed: from `Experience.logprob_start` on (the generation
 window of the "split" layout), `logits_chunk` positions at a time.
 """
@@ -23,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mappa_jax.models.decoder import positions_from_mask
+from mappa_jax.models.decoder import compute_copy, positions_from_mask
 from mappa_jax.parallel import BATCH_AXES, batch_sharding, param_shardings, replicated
 from mappa_jax.rl.config import RLConfig
 from mappa_jax.rl.experience import Experience
@@ -114,12 +118,13 @@ class PolicyUpdater:
                              f"{self.batch_shards} batch shards of the mesh")
         return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, np.ndim(x))), exp)
 
-    def sharded_copy(self, params):
+    def sharded_copy(self, params, dtype=None):
         """Fresh sharded buffers holding `params` (host or device arrays); shards go straight to
-        their devices, never through one device."""
+        their devices, never through one device. dtype: a `compute_copy` in that dtype instead."""
         shardings = param_shardings(self.mesh, params)
         placed = jax.device_put(params, shardings)
-        return jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(shardings,), out_shardings=shardings)(placed)
+        copy = (lambda p: jax.tree.map(jnp.copy, p)) if dtype is None else (lambda p: compute_copy(p, dtype))
+        return jax.jit(copy, in_shardings=(shardings,), out_shardings=shardings)(placed)
 
     def init_state(self, trainable) -> TrainState:
         """A train state owning a sharded copy of `trainable` (the update donates it)."""
@@ -131,15 +136,21 @@ class PolicyUpdater:
 
     def new_full_agent(self, params, reference=None) -> AgentPolicy:
         """An agent with its own full parameter set; its reference is a frozen copy (default: the
-        initial params; copied because the train state is donated to the update)."""
+        initial params; copied because the train state is donated to the update), held in the
+        model's compute dtype (`compute_copy`: the same reference logprobs at fewer bytes)."""
         if self.uses_lora:
             raise ValueError("this updater trains LoRA adapters; use new_lora_agent")
-        ref = self.sharded_copy(params if reference is None else reference)
+        ref = self.sharded_copy(params if reference is None else reference, self.compute_dtype(params))
         return AgentPolicy(self.init_state(params), None, ref)
 
+    def compute_dtype(self, params):
+        """The compute dtype of this updater's decoder (ModelConfig.dtype), read off its graph."""
+        return nnx.merge(self.graphdef, params).cfg.jnp_dtype
+
     def new_lora_agent(self, base, adapters) -> AgentPolicy:
-        """An agent training only `adapters` over the shared frozen `base` (place it once with
-        `place_params` and pass the same object to every agent)."""
+        """An agent training only `adapters` (in their own dtype: the master copy) over the shared
+        frozen `base` (place it once with `place_params` and pass the same object to every agent;
+        load it in the compute dtype, `weights.load_state(frozen=True)`, to halve its bytes)."""
         if not self.uses_lora:
             raise ValueError("this updater trains full parameters; build it with lora_graphdef to train LoRA")
         return AgentPolicy(self.init_state(adapters), base, base)
