@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     # llama/qwen2/qwen3 decoder sized by model.random_*, for tests; its tokenizer is model.tokenizer).
     c.model.source = "smollm2"
     c.model.tokenizer = ""          # tokenizer source; "" = the model source ("smollm2" for random:)
+    # Variables for the tokenizer's chat template, given to every rendering; templates ignore those
+    # they do not use. enable_thinking: Qwen3's hybrid models reason in <think> ... </think> by
+    # default; False makes their template write an empty block instead (reasoning off).
+    c.model.chat_template_kwargs = ml_collections.ConfigDict({"enable_thinking": True})
     # Mixed precision. param_dtype: the master copy of every trained parameter (full finetuning:
     # the model; LoRA: the adapters), its gradients and AdamW's two moments; each update is added
     # in it. Keep it float32: in bfloat16 an update at RL learning rates (~1e-6 per weight) is far
@@ -151,7 +155,7 @@ def _check_keys(given, default, prefix: str) -> None:
 
 
 # Sections whose own validators know their keys (a data spec's keys depend on its source).
-_FREE_FORM = {"topology", "data.train", "data.eval", "coach"}
+_FREE_FORM = {"topology", "data.train", "data.eval", "coach", "model.chat_template_kwargs"}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -163,6 +167,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         RLConfig.from_dict(config.rl.to_dict() | {"total_optimizer_steps": max(1, config.rl.total_optimizer_steps)})
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    for key, value in config.model.chat_template_kwargs.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"config key 'model.chat_template_kwargs.{key}' must be a bool, number or "
+                              f"string, got {value!r}")
     if config.model.train_attention not in ("dense", "blockwise"):
         raise ConfigError(f"config key 'model.train_attention' must be 'dense' or 'blockwise', "
                           f"got {config.model.train_attention!r}")

@@ -198,7 +198,7 @@ class Trainer:
             mesh=self.mesh, tokenizer=self.tokenizer)
         self.policy = SamplerPolicy(self.sampler, self.tokenizer, {}, top_p=sc.top_p, top_k=sc.top_k)
         self._refresh_sampler_weights()
-        self.chat = ChatFormat(self.tokenizer)
+        self.chat = ChatFormat(self.tokenizer, config.model.chat_template_kwargs.to_dict())
 
         self.step = 0
         self.baseline_eval: dict[str, float] = {}

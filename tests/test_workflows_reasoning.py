@@ -158,3 +158,19 @@ def test_a_tokenizer_that_drops_the_tags_is_refused(smollm2):
     tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
     with pytest.raises(ValueError, match="special token that decoding drops"):
         ChatFormat(tokenizer)
+
+
+def test_the_config_key_turns_qwen3_thinking_off(smollm2):
+    from mappa_jax.config import ConfigError, base_config, validate
+    tokenizer = reasoning_tokenizer(smollm2[2], QWEN3_HYBRID)
+    config = base_config()
+    messages = [{"role": "user", "content": "hi"}]
+    assert ChatFormat(tokenizer, config.model.chat_template_kwargs.to_dict()).generation_prompt(messages) == (
+        "<|im_start|>assistant\n")
+    config.model.chat_template_kwargs.enable_thinking = False
+    validate(config)
+    assert ChatFormat(tokenizer, config.model.chat_template_kwargs.to_dict()).generation_prompt(messages) == (
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    config.model.chat_template_kwargs.tools = [1]
+    with pytest.raises(ConfigError, match="model.chat_template_kwargs.tools"):
+        validate(config)
