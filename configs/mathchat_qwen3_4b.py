@@ -10,8 +10,8 @@ def get_config():
     c = base_config()
     c.workdir = "runs/mathchat_qwen3_4b"
     c.model.source = "Qwen/Qwen3-4B-Thinking-2507"
-    c.model.param_dtype = "bfloat16"
-    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"  # master weights and AdamW moments (the authors': DeepSpeed fp32 master)
+    c.model.dtype = "bfloat16"        # compute, the reference and the sampler's copy
     c.model.train_remat = True
     c.model.train_attention = "blockwise"
     c.policy.mode = "full"

@@ -320,7 +320,8 @@ def check_memory(work: Workload, mesh_sizes: Mapping[str, int], device_bytes: in
             hint = " (--config.model.train_remat=True and --config.model.train_attention=blockwise shrink it)"
         lines.append(f"  no mesh of {num_devices} devices fits, with or without LoRA; the largest term is "
                      f"{largest} ({_gib(est.terms[largest])}){hint}: lower rl.micro_batch_size, the "
-                     "prompt or generation buckets, or the sampler's batch buckets, use bfloat16, or add devices.")
+                     "prompt or generation buckets, or the sampler's batch buckets, compute in bfloat16 "
+                     "(model.dtype; keep model.param_dtype float32), or add devices.")
     message = "\n".join(lines)
     if enforce:
         raise InsufficientMemoryError(message)
@@ -390,11 +391,12 @@ def check_run(config, model: ModelConfig, mesh, device_bytes: int | None = None,
 
 # ---- the README table: Qwen3-4B agents on common accelerators --------------------------------------
 def qwen3_4b_config() -> ModelConfig:
-    """Qwen3-4B's architecture (hidden 2560, 36 layers, 32/8 heads of 128, vocab 151936, tied), bf16."""
+    """Qwen3-4B's architecture (hidden 2560, 36 layers, 32/8 heads of 128, vocab 151936, tied), as the
+    paper configs train it: float32 master weights and AdamW moments, bf16 compute."""
     return ModelConfig(family="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
                        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
                        tie_word_embeddings=True, qk_norm=True, max_position_embeddings=40960,
-                       param_dtype="bfloat16", dtype="bfloat16")
+                       param_dtype="float32", dtype="bfloat16")
 
 
 # (name, per-device memory, mesh); a v5p-8 slice has 4 chips, a v5e-8 has 8. Parameters are
