@@ -21,6 +21,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         missing = missing.strip("'\"")
         overrides = [a[2:].split("=", 1)[0].removeprefix("config.") for a in argv[1:] if a.startswith("--config.")]
         key = next((k for k in overrides if missing in k.split(".")), missing)
+        from mappa_jax.config import REMOVED_KEYS
+        if key in REMOVED_KEYS:
+            sys.exit(f"error: config key {key!r} (command-line override --config.{key}) was removed: "
+                     f"{REMOVED_KEYS[key]}")
         sys.exit(f"error: unknown config key {key!r} (command-line override --config.{key}) {hint}".rstrip())
     except flags.Error as err:  # a bad value or an unknown flag: what absl's own parser reports
         sys.exit(f"error: {err}\nPass --helpfull to see the flags.")

@@ -16,7 +16,7 @@ from mappa_jax.coach import coach_config
 from mappa_jax.coach import validate as validate_coach
 from mappa_jax.models.decoder import PROJECTIONS
 from mappa_jax.parallel.distributed import default_config as distributed_config
-from mappa_jax.rl.config import RLConfig
+from mappa_jax.rl.config import REMOVED_KEYS as RL_REMOVED_KEYS, RLConfig
 from mappa_jax.workflows import mathchat_config, topology_from_config
 
 
@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.compute_dtype = ""    # "" = model.dtype
     c.sampler.cache_dtype = ""      # "" = compute dtype
     c.sampler.prefill_block_size = 1024  # longer prompts prefill blockwise (linear memory); 0 = dense
+    # Nucleus / top-k filters of every trained agent's sampling (1.0 / 0 = off, the released
+    # scripts' setting). They truncate what is drawn, not what is recorded: sampler, trainer and
+    # reference logprobs are all of the full softmax(logits / T) at the agent's temperature T.
     c.sampler.top_p = 1.0
     c.sampler.top_k = 0
 
@@ -141,9 +144,15 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Keys that were removed, and what took their place.
+REMOVED_KEYS = {f"rl.{key}": why for key, why in RL_REMOVED_KEYS.items()}
+
+
 def _check_keys(given, default, prefix: str) -> None:
     for key in given.keys():
         name = f"{prefix}{key}"
+        if name in REMOVED_KEYS:
+            raise ConfigError(f"config key {name!r} was removed: {REMOVED_KEYS[name]}")
         if key not in default:
             close = difflib.get_close_matches(key, list(default.keys()), n=1)
             hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
@@ -167,6 +176,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         RLConfig.from_dict(config.rl.to_dict() | {"total_optimizer_steps": max(1, config.rl.total_optimizer_steps)})
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    for agent in topology.agents:  # every agent trains on its samples' logprobs at this temperature
+        if agent.temperature <= 0:
+            raise ConfigError(f"config key 'topology.agents.{agent.name}.temperature' is {agent.temperature}: "
+                              "greedy samples have no behaviour distribution to train on; sample at a "
+                              "temperature > 0 (train.eval_temperature may be 0)")
     for key, value in config.model.chat_template_kwargs.items():
         if not isinstance(value, (bool, int, float, str)):
             raise ConfigError(f"config key 'model.chat_template_kwargs.{key}' must be a bool, number or "

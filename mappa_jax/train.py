@@ -399,7 +399,8 @@ class Trainer:
         samples = collections.defaultdict(list)
         for action, reward, episode in rewarded:
             samples[action.policy].append(Sample(action.prompt_ids, action.generated_ids, action.logprobs,
-                                                 reward, action.truncated, group_of[episode.task_id]))
+                                                 reward, action.truncated, group_of[episode.task_id],
+                                                 action.temperature))
         pad = self.sampler.config.pad_token_id
         tb = self.rl_cfg.train_batch_size
         # Prompts and generations snap to the sampler's own buckets ("split" layout), so the trainer

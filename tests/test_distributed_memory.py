@@ -65,7 +65,8 @@ def _probe() -> None:
         tokens=rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32), attention_mask=ones,
         action_mask=ones, valid=np.ones(batch, bool), sampler_logprobs=floats(batch, seq),
         old_logprobs=floats(batch, seq), ref_logprobs=floats(batch, seq), rewards=floats(batch),
-        group_ids=np.zeros(batch, np.int32), advantages=floats(batch, seq)))
+        group_ids=np.zeros(batch, np.int32), temperatures=np.ones(batch, np.float32),
+        advantages=floats(batch, seq)))
     update = updater._jit("update", updater._update, (policy.state, policy.frozen, exp),
                           (param_shardings(mesh, policy.state), replicated(mesh)), donate=(0,))
     analysis = update.lower(policy.state, policy.frozen, exp).compile().memory_analysis()

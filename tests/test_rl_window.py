@@ -51,7 +51,7 @@ def test_split_layout():
     assert exp.attention_mask[1].tolist() == [0] * 3 + [1] * 6 + [0] * 3
     np.testing.assert_allclose(exp.sampler_logprobs[0, 4:6], [-0.5, -0.25])
     # The window start is static metadata: it is part of the pytree structure, not a leaf.
-    assert len(jax.tree.leaves(exp)) == 10
+    assert len(jax.tree.leaves(exp)) == 11
     with pytest.raises(ValueError, match="generation length .generation_buckets.: 9 exceeds"):
         build_experience([([1], [2] * 9, [0.0] * 9, 1.0, False)], batch_buckets=[1], padding_side="split",
                          prompt_buckets=(4,), generation_buckets=(8,))

@@ -9,6 +9,13 @@ from mappa_jax.rl.kl import KL_ESTIMATORS
 from mappa_jax.rl.losses import LOSS_AGGREGATIONS, POLICY_LOSSES
 
 
+# Settings that were removed, and what replaced them (a config still setting one gets this reason).
+REMOVED_KEYS = {
+    "temperature": "logprobs are taken at the temperature each action was sampled at; set it per agent "
+                   "with topology.agents.<name>.temperature",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
     # KL to the frozen reference: estimator, coefficient (beta), and where it enters:
@@ -40,9 +47,12 @@ class RLConfig:
     total_optimizer_steps: int = 1000
     # "trainer": recompute old logprobs with the training model (as OpenRLHF does);
     # "sampler": use the sampler's logprobs. The gap between the two is reported either way.
+    # Every logprob (sampler, trainer, reference) is of softmax(logits / T) at the temperature T
+    # the action was sampled at (its agent's topology temperature, carried per row as
+    # Experience.temperatures), before top-k / top-p truncation: with sampler.top_p < 1 or
+    # top_k > 0 the behaviour logprob is the tempered full policy's, not the truncated one's.
     old_logprobs: str = "trainer"
-    temperature: float = 1.0
-    compute_entropy: bool = True
+    compute_entropy: bool = True  # entropy of the tempered policy, logged
 
     def __post_init__(self):
         choices = {"kl_estimator": KL_ESTIMATORS.names(), "kl_mode": ("reward", "loss"),
@@ -59,8 +69,6 @@ class RLConfig:
                              f"rl.micro_batch_size={self.micro_batch_size}")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"rl.gamma must be in (0, 1], got {self.gamma}")
-        if self.temperature <= 0:
-            raise ValueError(f"rl.temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"rl.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.reward_clip is not None and self.reward_clip[0] > self.reward_clip[1]:
@@ -77,6 +85,8 @@ class RLConfig:
     def from_dict(cls, values: dict[str, Any]) -> "RLConfig":
         """From a plain dict (e.g. an ml_collections ConfigDict's to_dict()); unknown keys are errors."""
         known = {f.name for f in dataclasses.fields(cls)}
+        for key in set(values) & set(REMOVED_KEYS):
+            raise ValueError(f"rl.{key} is no longer a setting: {REMOVED_KEYS[key]}")
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"rl config has unknown keys {unknown}; known: {sorted(known)}")

@@ -5,6 +5,8 @@ padded to a length bucket; rows are padded to a batch bucket with invalid rows (
 Per-token arrays are [B, T] aligned with `tokens`: entry t belongs to token t (its logprob is
 log p(tokens[t] | tokens[:t])). `action_mask` marks generated tokens; `valid` zeroes whole rows
 (truncated generations, actions whose reward is missing because the coach failed, batch padding).
+`temperatures` is each row's sampling temperature: logprobs (sampler, trainer and reference alike)
+are of softmax(logits / temperature), so rows of agents at different temperatures share one batch.
 
 Layouts (`padding_side`): "right" / "left" pad whole rows to a length bucket; "split" left-pads
 prompts to a prompt bucket P and right-pads generations to a generation bucket G, so every action
@@ -32,6 +34,7 @@ class Experience:
     ref_logprobs: jax.Array      # [B, T] float32, frozen reference policy
     rewards: jax.Array           # [B] float32, the action's reward (0 where missing)
     group_ids: jax.Array         # [B] int32, prompt group (for group-scoped normalization)
+    temperatures: jax.Array      # [B] float32 > 0, the temperature the row was sampled at (1 on padding)
     advantages: jax.Array        # [B, T] float32, filled by the advantage computation
     # Static: no action token lies before this index, so logprobs are computed for t >= it only
     # (1 = every position that has a prefix; the prompt bucket P in the "split" layout).
@@ -58,13 +61,15 @@ PADDING_SIDES = ("right", "left", "split")
 
 
 class Sample(NamedTuple):
-    """One action as the workflow records it. reward None = no usable judgement (masked out)."""
+    """One action as the workflow records it. reward None = no usable judgement (masked out).
+    temperature: what it was sampled at; sampler_logprobs are of softmax(logits / temperature)."""
     prompt_ids: Sequence[int]
     generated_ids: Sequence[int]
     sampler_logprobs: Sequence[float]
     reward: float | None
     truncated: bool
     group_id: int = 0
+    temperature: float = 1.0
 
 
 def snap_to_bucket(size: int, buckets: Sequence[int], what: str) -> int:
@@ -89,7 +94,7 @@ def build_experience(samples: Sequence[Sample | tuple], *, batch_buckets: Sequen
                      padding_side: str = "right", prompt_buckets: Sequence[int] | None = None,
                      generation_buckets: Sequence[int] | None = None) -> Experience:
     """Pad a list of actions (Sample or (prompt_ids, generated_ids, sampler_logprobs, reward|None,
-    truncated[, group_id]) tuples) into an Experience of bucketed shape. "right"/"left" padding
+    truncated[, group_id[, temperature]]) tuples) into an Experience of bucketed shape. "right"/"left" padding
     snap prompt + generation to `length_buckets`; "split" snaps prompts to `prompt_buckets` and
     generations to `generation_buckets` (e.g. the sampler's own buckets). Arrays are NumPy; put
     them on the mesh with `jax.device_put` (see `rl.update.PolicyUpdater.place`)."""
@@ -108,6 +113,9 @@ def build_experience(samples: Sequence[Sample | tuple], *, batch_buckets: Sequen
         if len(s.sampler_logprobs) != len(s.generated_ids):
             raise ValueError(f"sample {i}: {len(s.generated_ids)} generated ids but "
                              f"{len(s.sampler_logprobs)} sampler_logprobs")
+        if not s.temperature > 0:
+            raise ValueError(f"sample {i}: temperature {s.temperature} (greedy decoding) has no behaviour "
+                             "distribution to train on; sample trained agents at a temperature > 0")
     if padding_side == "split":
         prompt_len = snap_to_bucket(max((len(s.prompt_ids) for s in samples), default=1), prompt_buckets,
                                     "prompt length (prompt_buckets)")
@@ -126,6 +134,7 @@ def build_experience(samples: Sequence[Sample | tuple], *, batch_buckets: Sequen
     logprobs = np.zeros((b, t), np.float32)
     rewards = np.zeros((b,), np.float32)
     groups = np.zeros((b,), np.int32)
+    temperatures = np.ones((b,), np.float32)
     for row, s in enumerate(samples):
         p, g = len(s.prompt_ids), len(s.generated_ids)
         start = {"right": 0, "left": t - p - g, "split": logprob_start - p}[padding_side]
@@ -137,9 +146,11 @@ def build_experience(samples: Sequence[Sample | tuple], *, batch_buckets: Sequen
         valid[row] = s.reward is not None and not s.truncated and g > 0
         rewards[row] = 0.0 if s.reward is None else float(s.reward)
         groups[row] = s.group_id
+        temperatures[row] = s.temperature
     return Experience(tokens=tokens, attention_mask=attention, action_mask=action, valid=valid,
                       sampler_logprobs=logprobs, old_logprobs=logprobs.copy(),
                       ref_logprobs=np.zeros((b, t), np.float32), rewards=rewards, group_ids=groups,
+                      temperatures=temperatures,
                       advantages=np.zeros((b, t), np.float32), logprob_start=logprob_start)
 
 

@@ -52,12 +52,16 @@ class AgentPolicy:
     reference: Any      # parameters of the reference policy (LoRA: the same shared base)
 
 
-def window_logprobs(head, hidden, targets, temperature: float, with_entropy: bool, chunk: int):
-    """log p(targets) and the entropy [B, W] from hidden states [B, W, H] through `head` (hidden ->
-    float32 logits). Windows longer than `chunk` run chunk by chunk under `jax.checkpoint`, so at
-    most [B, chunk, V] logits exist at once, in the forward and the backward pass."""
+def window_logprobs(head, hidden, targets, temperatures, with_entropy: bool, chunk: int):
+    """log p(targets) and the entropy [B, W] of softmax(logits / temperature), from hidden states
+    [B, W, H] through `head` (hidden -> float32 logits) and each row's temperature [B] (data, so
+    agents at different temperatures share one compiled program). Windows longer than `chunk` run
+    chunk by chunk under `jax.checkpoint`, so at most [B, chunk, V] logits exist at once, in the
+    forward and the backward pass."""
+    temperatures = jnp.asarray(temperatures, jnp.float32)[:, None, None]
+
     def one(hidden, targets):
-        logits = head(hidden).astype(jnp.float32) / temperature
+        logits = head(hidden).astype(jnp.float32) / temperatures  # as the sampler scales them
         log_norm = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_norm
         if not with_entropy:
@@ -156,15 +160,16 @@ class PolicyUpdater:
         return AgentPolicy(self.init_state(adapters), base, base)
 
     # ---- the forward pass ---------------------------------------------------------------------
-    def _token_logprobs(self, base, lora, tokens, attention_mask, with_entropy: bool, start: int = 1):
-        """log p(tokens[t] | tokens[:t]) and the entropy at t, [B, T] each, for t >= start (0 before:
-        `Experience.logprob_start` promises no action token lies there)."""
+    def _token_logprobs(self, base, lora, tokens, attention_mask, temperatures, with_entropy: bool,
+                        start: int = 1):
+        """log p(tokens[t] | tokens[:t]) and the entropy at t, [B, T] each, at each row's temperature
+        [B], for t >= start (0 before: `Experience.logprob_start` promises no action token lies there)."""
         model = nnx.merge(self.graphdef, base)
         adapters = None if lora is None else nnx.merge(self.lora_graphdef, lora)
         hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask, lora=adapters,
                           return_hidden=True)
         # Position t - 1 predicts token t: the vocabulary head runs on the window only.
-        logp, entropy = window_logprobs(model.head, hidden[:, start - 1:-1], tokens[:, start:], self.cfg.temperature,
+        logp, entropy = window_logprobs(model.head, hidden[:, start - 1:-1], tokens[:, start:], temperatures,
                                         with_entropy, self.logits_chunk)
         pad = lambda x: jnp.pad(x, ((0, 0), (start, 0)))
         return pad(logp), pad(entropy)
@@ -201,7 +206,8 @@ class PolicyUpdater:
         return self.logprobs_fn(base, lora, exp)(base, lora, exp)
 
     def logprobs_fn(self, base, lora, exp: Experience):
-        """Token logprobs [B, T] of `exp.tokens` under base (+ lora), in micro-batches."""
+        """Token logprobs [B, T] of `exp.tokens` under base (+ lora) at each row's temperature
+        (`exp.temperatures`), in micro-batches."""
         mb = self.cfg.micro_batch_size
         if exp.batch_size % mb:
             raise ValueError(f"experience batch {exp.batch_size} is not a multiple of rl.micro_batch_size={mb}")
@@ -210,9 +216,9 @@ class PolicyUpdater:
             n = exp.batch_size // mb
             split = lambda x: _constrain_batch(self.mesh, x.reshape(n, mb, *x.shape[1:]), 1)
             def one(batch):
-                tokens, mask = batch
-                return self._token_logprobs(base, lora, tokens, mask, False, exp.logprob_start)[0]
-            out = jax.lax.map(one, (split(exp.tokens), split(exp.attention_mask)))
+                tokens, mask, temperatures = batch
+                return self._token_logprobs(base, lora, tokens, mask, temperatures, False, exp.logprob_start)[0]
+            out = jax.lax.map(one, (split(exp.tokens), split(exp.attention_mask), split(exp.temperatures)))
             return out.reshape(exp.tokens.shape)
 
         # The jitted program itself: arguments may be abstract (the run's plan compiles it ahead of time).
@@ -228,8 +234,8 @@ class PolicyUpdater:
     def _micro_loss(self, trainable, frozen, batch: Experience, counts):
         cfg = self.cfg
         base, lora = self._model_params(trainable, frozen)
-        logp, entropy = self._token_logprobs(base, lora, batch.tokens, batch.attention_mask, cfg.compute_entropy,
-                                             batch.logprob_start)
+        logp, entropy = self._token_logprobs(base, lora, batch.tokens, batch.attention_mask, batch.temperatures,
+                                             cfg.compute_entropy, batch.logprob_start)
         mask = batch.loss_mask
         aggregate = LOSS_AGGREGATIONS.get(cfg.loss_agg)
         token_loss, clipped = POLICY_LOSSES.get(cfg.policy_loss)(

@@ -3,8 +3,9 @@
 prefill: runs the distinct (left-padded) prompts once, then replicates each prompt's KV-cache rows
     to its n samples (`row_source`) and appends empty slots for the generation budget.
 decode: one `lax.while_loop` over new tokens with the KV cache donated (updated in place); each
-    step samples a token per row, records its logprob under the unmodified policy, updates the
-    stop state, and runs the model on the new token. It exits early once every row has stopped.
+    step samples a token per row, records its logprob under the tempered policy it was drawn from
+    (`sample.next_tokens`), updates the stop state, and runs the model on the new token. It exits
+    early once every row has stopped.
 
 Parameters (and LoRA adapters) are arguments, never constants, so one compiled program serves
 every agent of the same architecture; shapes come from buckets, so new lengths never recompile.

@@ -87,10 +87,14 @@ def row_keys(seed, row_ids: jax.Array) -> jax.Array:
 
 
 def next_tokens(logits: jax.Array, keys: jax.Array, step, temperature, top_k, top_p):
-    """(token [B], logprob [B]) for float32 logits [B, V]; temperature 0 is greedy. The logprob is
-    under the unmodified policy (temperature 1, no filtering), which is what the trainer recomputes."""
+    """(token [B], logprob [B]) for float32 logits [B, V]; temperature 0 is greedy.
+
+    The logprob is log softmax(logits / temperature)[token]: the tempered policy the token was
+    drawn from, before top-k / top-p truncation, which is what the trainer recomputes from the
+    row's temperature (`rl.experience.Experience.temperatures`). Greedy rows (temperature 0) record
+    the untempered policy's (temperature 1) logprob; a point mass has none worth keeping."""
     uniform = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
     sampled = inverse_cdf(filtered_weights(logits, temperature, top_k, top_p), uniform)
     tokens = jnp.where(temperature > 0, sampled, greedy(logits)).astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

@@ -34,7 +34,8 @@ class SampleOutput:
     """Row r = prompt r // n, sample r % n. Arrays are [rows, max_new_tokens] on the host.
 
     tokens: generated ids (the stop token / the token completing a stop string included), then pad.
-    logprobs: log p(token) under the unmodified policy (temperature 1, no top-k/top-p), 0 after length.
+    logprobs: log softmax(logits / temperature)[token], the tempered policy before top-k/top-p
+        truncation (greedy, temperature 0: the untempered policy), 0 after length.
     lengths: generated tokens per row.
     truncated: the row used its whole budget without an EOS / stop token / stop string.
     """

@@ -44,6 +44,7 @@ class Action:
     sampling_wall_s is this action's share of its batched generate call; tool_wall_s its code run.
     last_turn: no further turn of this agent follows. files_after: the workspace's files once this
     action (and its code) finished; () for episodes without a workspace (workspace_dir "").
+    temperature: what the agent sampled at; `logprobs` are of softmax(logits / temperature).
     """
     episode_id: str
     task_id: str
@@ -63,6 +64,7 @@ class Action:
     last_turn: bool
     files_after: tuple[str, ...] = ()
     workspace_dir: str = ""
+    temperature: float = 1.0
 
 
 @dataclasses.dataclass

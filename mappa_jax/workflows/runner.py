@@ -348,7 +348,7 @@ class EpisodeRunner:
                 messages=tuple(dict(m) for m in episode.messages), tool=tool,
                 sampling_wall_s=sampling_share, tool_wall_s=tool.wall_s if tool else 0.0,
                 seed=seed, last_turn=last_turn, files_after=files_after,
-                workspace_dir=episode.result.workspace_dir)
+                workspace_dir=episode.result.workspace_dir, temperature=spec.temperature)
             episode.result.actions.append(action)
             episode.history.append(_Turn(spec, turn, text, tool))
             if self.on_action is not None:

@@ -44,7 +44,8 @@ class SamplerPolicy:
     """Policy.generate served by a Sampler; one set of weights per policy name.
 
     top_p / top_k apply to every call (the released scripts sample with top_p 1.0). Logprobs are
-    the sampler's log p of each token under the unmodified policy, as RL needs.
+    the sampler's log softmax(logits / temperature) of each token at the call's temperature,
+    before top-k / top-p truncation: what the trainer recomputes for the action's temperature.
     """
 
     def __init__(self, sampler: Any, tokenizer: Any, weights: Mapping[str, PolicyWeights], *,
