@@ -34,5 +34,12 @@ def get_config():
     c.train.samples_per_task = 2
     c.train.eval_every = 4         # per-epoch-ish; the paper saw the held-out peak near epoch 10
     c.train.eval_samples = 4
+    # Real model fitting on DSBench tables: a single-threaded fit may use the whole 600 s, a
+    # pandas frame of a few GB must fit; 32 episodes at once, each workspace holds a task's data.
     c.train.sandbox_wall_timeout_s = 600.0
+    c.train.sandbox_cpu_time_s = 600
+    c.train.sandbox_memory_mb = 8192
+    c.train.sandbox_total_memory_mb = 16384
+    c.train.sandbox_max_processes = 64
+    c.train.sandbox_workspace_mb = 4096
     return c

@@ -45,4 +45,11 @@ def get_config():
     c.train.eval_every = 16
     c.train.eval_samples = 4
     c.train.eval_temperature = 0.6
+    # The Code Executor's snippets: arithmetic and sympy, seconds each; 64 episodes run at once.
+    c.train.sandbox_wall_timeout_s = 60.0
+    c.train.sandbox_cpu_time_s = 60
+    c.train.sandbox_memory_mb = 2048
+    c.train.sandbox_total_memory_mb = 4096
+    c.train.sandbox_max_processes = 32
+    c.train.sandbox_workspace_mb = 256
     return c

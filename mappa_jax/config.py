@@ -133,8 +133,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.export_hf = True        # write each trained policy as HF safetensors at the end
     c.train.export_dtype = ""       # dtype of the exported tensors; "" = model.dtype
     c.train.episode_timeout_s = 1800.0
-    c.train.sandbox_wall_timeout_s = 60.0
-    c.train.sandbox_memory_mb = 4096
+    # The sandbox of model-written code (mappa_jax.tools.SandboxConfig; one action = one run):
+    c.train.sandbox_wall_timeout_s = 60.0   # wall clock per action
+    c.train.sandbox_cpu_time_s = 60         # CPU seconds per process (a one-thread fit: ~ wall)
+    c.train.sandbox_memory_mb = 4096        # address space per process (MemoryError beyond)
+    c.train.sandbox_total_memory_mb = 8192  # all of one action's processes (cgroup; killed beyond)
+    c.train.sandbox_max_processes = 64      # processes + threads of one action at once
+    c.train.sandbox_workspace_mb = 1024     # an episode's workspace; full = no more writes
+    c.train.sandbox_cgroup = "auto"         # per-action cgroup: auto / require / off
     c.train.allow_unsandboxed = False  # never run model code without isolation unless set
 
     c.logging = ml_collections.ConfigDict()

@@ -43,7 +43,7 @@ from mappa_jax.rl.experience import Sample, build_experience, sample_counts
 from mappa_jax.rl.pipeline import train_step
 from mappa_jax.rl.update import PolicyUpdater
 from mappa_jax.sampling import Sampler, SamplerConfig
-from mappa_jax.tools import Sandbox, SandboxConfig
+from mappa_jax.tools import Sandbox, sandbox_config_from
 from mappa_jax.workdir import OutputMirror, is_remote, local_workdir
 from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, SamplerPolicy,
                                  topology_from_config)
@@ -171,9 +171,7 @@ class Trainer:
         self.pipeline = TaskPipeline(self.train_tasks, config.train.tasks_per_step, seed=config.seed,
                                      stratify=config.data.stratify)
         uses_python = any(a.uses_python for a in self.topology.agents)
-        self.sandbox = Sandbox(SandboxConfig(
-            allow_unsandboxed=config.train.allow_unsandboxed, wall_timeout_s=config.train.sandbox_wall_timeout_s,
-            memory_bytes=config.train.sandbox_memory_mb << 20)) if uses_python else None
+        self.sandbox = Sandbox(sandbox_config_from(config.train)) if uses_python else None
 
         self.mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self._log(f"mesh: {dict(self.mesh.shape)} over {self.mesh.size} {jax.devices()[0].platform} devices "

@@ -4,10 +4,17 @@ write_sklearn_tasks() materializes them in the DSBench layout read by `dsbench.p
 a seeded train/test split per dataset, train.csv/test.csv/description.md/task.json/
 sample_submission.csv under <out_dir>/tasks/<name>/ and the hidden answers under
 <out_dir>/answers/<name>.csv (outside the task directory).
+
+Nothing an agent can see determines the hidden labels: the split, the row order and the ids all
+come from a generator keyed by a digest of (split key, dataset name), where the split key is the
+seed unless a private `split_key` is given; task.json holds neither, and the sandbox hides the
+datasets' bundled copies and this package's source. Without that, the class-sorted order of
+scikit-learn's datasets plus a guessable seed would rebuild every test label.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 from typing import Callable
@@ -91,17 +98,25 @@ def _description(spec: SklearnTaskSpec, target: str, descr: str) -> str:
             f"## Dataset notes\n\n{descr.strip()}\n")
 
 
+def _split_generator(split_key: str, name: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"mappa_jax.sklearn_tasks/{name}/{split_key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
 def write_sklearn_task(spec: SklearnTaskSpec, out_dir: pathlib.Path, seed: int,
-                       test_fraction: float) -> None:
+                       test_fraction: float, split_key: str | None = None) -> None:
     from sklearn.model_selection import train_test_split
     features, target, descr = spec.load()
     features = _clean_columns(features).reset_index(drop=True)
     frame = features.assign(**{target.name: target.to_numpy()})
-    # Shuffled ids: sklearn's datasets are sorted by class, so row numbers would leak labels.
-    frame.insert(0, ID_COLUMN, np.random.default_rng(seed).permutation(len(frame)))
+    rng = _split_generator(str(seed) if split_key is None else split_key, spec.name)
+    # sklearn's datasets are sorted by class: rows are shuffled and ids drawn independently of
+    # both the original order and the split, so neither a row's place nor its id tells its label.
+    frame = frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)
+    frame.insert(0, ID_COLUMN, rng.permutation(len(frame)))
     stratify = frame[target.name] if spec.task_type == CLASSIFICATION else None
-    train, test = train_test_split(frame, test_size=test_fraction, random_state=seed,
-                                   stratify=stratify)
+    train, test = train_test_split(frame, test_size=test_fraction,
+                                   random_state=int(rng.integers(2**31)), stratify=stratify)
     task_dir = out_dir / "tasks" / spec.name
     answers_dir = out_dir / "answers"
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -116,13 +131,16 @@ def write_sklearn_task(spec: SklearnTaskSpec, out_dir: pathlib.Path, seed: int,
     (task_dir / "description.md").write_text(_description(spec, target.name, descr),
                                              encoding="utf-8")
     (task_dir / "task.json").write_text(json.dumps(
-        {"target_column": target.name, "id_column": ID_COLUMN, "task_type": spec.task_type,
-         "seed": seed, "test_fraction": test_fraction}, indent=1), encoding="utf-8")
+        {"target_column": target.name, "id_column": ID_COLUMN, "task_type": spec.task_type},
+        indent=1), encoding="utf-8")
 
 
 def write_sklearn_tasks(out_dir: str | pathlib.Path, seed: int = 0, test_fraction: float = 0.25,
-                        names: tuple[str, ...] | None = None) -> list[Task]:
-    """Write the sklearn tasks (all, or those in names) under out_dir and return them."""
+                        names: tuple[str, ...] | None = None,
+                        split_key: str | None = None) -> list[Task]:
+    """Write the sklearn tasks (all, or those in names) under out_dir and return them.
+
+    The same seed (or split_key, which replaces it) gives the same files anywhere."""
     known = {spec.name: spec for spec in SKLEARN_TASKS}
     names = tuple(known) if names is None else tuple(names)
     unknown = sorted(set(names) - set(known))
@@ -132,7 +150,7 @@ def write_sklearn_tasks(out_dir: str | pathlib.Path, seed: int = 0, test_fractio
         raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
     out_dir = pathlib.Path(out_dir)
     for name in names:
-        write_sklearn_task(known[name], out_dir, seed, test_fraction)
+        write_sklearn_task(known[name], out_dir, seed, test_fraction, split_key)
     tasks = load_dsbench_tasks(out_dir / "tasks", out_dir / "answers", id_prefix="sklearn/")
     wanted = {f"sklearn/{name}" for name in names}
     return [task for task in tasks if task.task_id in wanted]

@@ -8,11 +8,11 @@
 """
 from mappa_jax.tools.backends import SandboxUnavailableError
 from mappa_jax.tools.cells import extract_code_cells, strip_thinking
-from mappa_jax.tools.config import SandboxConfig
+from mappa_jax.tools.config import SandboxConfig, sandbox_config_from
 from mappa_jax.tools.sandbox import ExecResult, Sandbox
 from mappa_jax.tools.workspace import Workspace, WorkspaceDiff
 
 __all__ = [
     "ExecResult", "Sandbox", "SandboxConfig", "SandboxUnavailableError", "Workspace",
-    "WorkspaceDiff", "extract_code_cells", "strip_thinking",
+    "WorkspaceDiff", "extract_code_cells", "sandbox_config_from", "strip_thinking",
 ]

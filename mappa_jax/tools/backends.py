@@ -2,9 +2,12 @@
 
 Every backend gives model code the same view:
   /usr (and /bin, /lib... as on the host), a few /etc files the loader needs, the Python
-  interpreter's prefix and site-packages (read-only, at their host paths, so the sandbox imports
-  exactly our numpy/pandas/scikit-learn), /workspace (the episode's directory, the only writable
-  host path), a private /tmp and /dev/shm (size-capped tmpfs), a fresh /proc and a minimal /dev.
+  interpreter's prefix and site-packages (read-only, so the sandbox imports exactly our
+  numpy/pandas/scikit-learn; outside /usr they appear under /opt/python/<n>, whatever their host
+  path: a venv under /tmp or $HOME works and reveals nothing of the host's layout), with bundled
+  datasets (scikit-learn's and other packages' copies) covered by empty directories,
+  /workspace (the episode's directory, the only writable host path), a private /tmp and /dev/shm
+  (size-capped tmpfs), a fresh /proc and a minimal /dev.
 No network (a new network namespace has only a downed loopback), no other processes (new pid
 namespace), no view of $HOME or the project checkout, running as an unprivileged uid with no
 capabilities in a user namespace of its own.
@@ -16,6 +19,7 @@ traverse root-only directories such as /root (where pyenv puts Python), the path
 first bind-mounted, as root, onto a world-readable staging directory inside a private mount
 namespace, and bubblewrap binds them from there.
 """
+import functools
 import os
 import shlex
 import shutil
@@ -27,6 +31,8 @@ import weakref
 from pathlib import Path
 
 from mappa_jax.tools.config import SandboxConfig
+
+_REAPER_SOURCE = (Path(__file__).parent / "reaper.py").read_text()
 
 SANDBOX_WORKSPACE = "/workspace"
 # Directories that are symlinks into /usr on merged-/usr systems and real dirs elsewhere.
@@ -41,10 +47,8 @@ class SandboxUnavailableError(RuntimeError):
 
 
 def sandbox_environment(config: SandboxConfig) -> dict[str, str]:
-    """The whole environment model code sees (nothing is inherited from the host)."""
-    python_bin = str(Path(os.path.realpath(sys.executable)).parent)
+    """The environment model code sees besides PATH (nothing is inherited from the host)."""
     return {
-        "PATH": f"{python_bin}:/usr/local/bin:/usr/bin:/bin",
         # Caches and dotfiles go to the private /tmp, so the workspace holds only what the agents
         # wrote on purpose (its file list is shown to the next agent and to the coach).
         "HOME": "/tmp",
@@ -66,47 +70,120 @@ def sandbox_environment(config: SandboxConfig) -> dict[str, str]:
     }
 
 
-def python_paths() -> list[str]:
-    """Host directories the sandboxed interpreter needs: its prefixes and site-packages."""
-    candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                  os.path.dirname(os.path.realpath(sys.executable))]
-    candidates += site.getsitepackages()
-    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
-        candidates.append(site.getusersitepackages())
-    resolved = sorted({os.path.realpath(path) for path in candidates if os.path.isdir(path)})
-    kept = []
-    for path in resolved:  # sorted, so a parent comes before its children
-        if path.startswith("/usr/") or path == "/usr":
-            continue  # /usr is bound anyway
-        if any(path == parent or path.startswith(parent + "/") for parent in kept):
-            continue
-        kept.append(path)
-    return kept
+# Where the interpreter's host directories appear inside the sandbox: neutral names, so neither
+# a venv under /tmp (hidden by the private /tmp) nor one under $HOME (whose path would show the
+# host's home) matters. /usr stays at /usr.
+SANDBOX_PYTHON_ROOT = "/opt/python"
+_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".data", ".dat", ".arff", ".json", ".npy", ".npz",
+                  ".mat", ".pkl", ".pickle", ".parquet", ".xls", ".xlsx", ".rst", ".gz", ".bz2",
+                  ".xz", ".zip")
 
 
-def site_dirs() -> list[str]:
-    """site-packages dirs to add inside the sandbox (the runner runs with -I, no user site)."""
+def _site_packages() -> list[str]:
     dirs = list(site.getsitepackages())
     if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
         dirs.append(site.getusersitepackages())
-    return [os.path.realpath(path) for path in dirs if os.path.isdir(path)]
+    return list(dict.fromkeys(os.path.realpath(path) for path in dirs if os.path.isdir(path)))
 
 
-def python_command(runner_source: str) -> list[str]:
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+class PythonLayout:
+    """The host interpreter's directories and how they appear inside the sandbox.
+
+    mounts: (host directory, sandbox directory) pairs to bind read-only; directories under /usr
+    need none (/usr is bound whole). Everything else about the interpreter (its executable, its
+    site-packages, the libpython the executable's RUNPATH points to) is translated through them.
+    hidden_dirs / hidden_files: sandbox paths of package data to cover with an empty directory or
+    file (see SandboxConfig.hidden_package_dirs).
+    """
+
+    def __init__(self, config: SandboxConfig):
+        candidates = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                      os.path.dirname(os.path.realpath(sys.executable)), *_site_packages()]
+        resolved = sorted({os.path.realpath(path) for path in candidates if os.path.isdir(path)})
+        roots = []
+        for path in resolved:  # sorted, so a parent comes before its children
+            if _under(path, "/usr") or any(_under(path, parent) for parent in roots):
+                continue
+            roots.append(path)
+        self.mounts = [(path, f"{SANDBOX_PYTHON_ROOT}/{index}") for index, path in enumerate(roots)]
+        self.host_executable = os.path.realpath(sys.executable)
+        self.executable = self.to_sandbox(self.host_executable)
+        self.site_dirs = [self.to_sandbox(path) for path in _site_packages()]
+        self.library_dirs = []
+        for prefix in dict.fromkeys([sys.base_prefix, sys.base_exec_prefix]):
+            lib = os.path.join(os.path.realpath(prefix), "lib")
+            if not _under(lib, "/usr") and os.path.isdir(lib) and any(
+                    name.startswith("libpython") for name in os.listdir(lib)):
+                self.library_dirs.append(self.to_sandbox(lib))
+        self.hidden_dirs, self.hidden_files = self._hidden(config)
+
+    def to_sandbox(self, host_path: str) -> str:
+        host_path = os.path.realpath(host_path)
+        for host, inside in self.mounts:
+            if _under(host_path, host):
+                return inside + host_path[len(host):]
+        return host_path
+
+    def _hidden(self, config: SandboxConfig) -> tuple[list[str], list[str]]:
+        dirs = []
+        for site_dir in _site_packages():
+            for relative in config.hidden_package_dirs:
+                if os.path.isdir(os.path.join(site_dir, relative)):
+                    dirs.append(os.path.join(site_dir, relative))
+        names = tuple(name.lower() for name in config.hidden_data_names)
+        files = []
+        for site_dir in _site_packages():
+            for directory, subdirs, filenames in os.walk(site_dir):
+                if any(_under(directory, hidden) for hidden in dirs):
+                    subdirs[:] = []
+                    continue
+                for filename in filenames:
+                    lower = filename.lower()
+                    if lower.endswith(_DATA_SUFFIXES) and any(name in lower for name in names):
+                        files.append(os.path.join(directory, filename))
+        return ([self.to_sandbox(path) for path in dirs],
+                [self.to_sandbox(path) for path in files])
+
+    def environment(self) -> dict[str, str]:
+        python_bin = os.path.dirname(self.executable)
+        env = {"PATH": f"{python_bin}:/usr/local/bin:/usr/bin:/bin"}
+        if self.library_dirs:  # the executable's RUNPATH names the host path of libpython
+            env["LD_LIBRARY_PATH"] = ":".join(self.library_dirs)
+        return env
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_layout(executable: str, hidden_dirs: tuple, hidden_names: tuple) -> PythonLayout:
+    return PythonLayout(SandboxConfig(hidden_package_dirs=hidden_dirs,
+                                      hidden_data_names=hidden_names))
+
+
+def python_layout(config: SandboxConfig) -> PythonLayout:
+    """The layout for this interpreter; the site-packages walk (about a second) is done once."""
+    return _cached_layout(sys.executable, config.hidden_package_dirs, config.hidden_data_names)
+
+
+def python_command(executable: str, source: str) -> list[str]:
     # -I: ignore PYTHON* variables, the user site and the current directory on sys.path.
-    return [os.path.realpath(sys.executable), "-I", "-c", runner_source]
+    return [executable, "-I", "-c", source]
 
 
 class Backend:
     """Builds the argv that runs `inner` (the sandboxed interpreter) under one isolation method."""
 
     name = "base"
+    isolated = True
 
-    def __init__(self, config: SandboxConfig, tools: dict[str, str]):
+    def __init__(self, config: SandboxConfig, tools: dict[str, str],
+                 layout: "PythonLayout | None" = None):
         self.config = config
         self.tools = tools
         self.host_is_root = os.geteuid() == 0
-        self._ro_paths = python_paths()
+        self.layout = layout if layout is not None else python_layout(config)
         self._staging = None
 
     def describe(self) -> str:
@@ -115,19 +192,50 @@ class Backend:
     def command(self, inner: list[str], workspace: Path) -> list[str]:
         raise NotImplementedError
 
+    @property
+    def executable(self) -> str:
+        """The interpreter's path as the sandboxed process sees it."""
+        return self.layout.executable
+
+    @property
+    def site_dirs(self) -> list[str]:
+        """site-packages dirs to add inside the sandbox (the runner runs with -I, no user site)."""
+        return self.layout.site_dirs
+
+    def environment(self) -> dict[str, str]:
+        return {**sandbox_environment(self.config), **self.layout.environment()}
+
+    def launch(self, inner: list[str], workspace: Path, procs_files=()) -> list[str]:
+        """`command` under the reaper (see reaper.py), which also joins the run's cgroups."""
+        return [self.layout.host_executable, "-I", "-S", "-c", _REAPER_SOURCE, *procs_files,
+                "--", *self.command(inner, workspace)]
+
+    def _describe_python(self) -> str:
+        hidden = len(self.layout.hidden_dirs) + len(self.layout.hidden_files)
+        mounts = ", ".join(inside for _, inside in self.layout.mounts) or "under /usr"
+        return (f"read-only system and Python ({mounts}; {hidden} bundled dataset paths "
+                "hidden)")
+
     def staging_dir(self) -> Path:
         """A world-readable directory of empty mount points (bind targets in private namespaces)."""
         if self._staging is None:
             staging = Path(tempfile.mkdtemp(prefix="mappa-sandbox-"))
             staging.chmod(0o755)
-            for index in range(len(self._ro_paths)):
+            for index in range(len(self.layout.mounts)):
                 (staging / f"ro{index}").mkdir(mode=0o755)
-            (staging / "workspace").mkdir(mode=0o755)
-            (staging / "root").mkdir(mode=0o755)
+            for name in ("workspace", "root", "empty"):
+                (staging / name).mkdir(mode=0o755)
+            (staging / "empty_file").touch(mode=0o444)
             self._staging = staging
             # Removed when the backend is closed or collected, or at interpreter exit.
             self._cleanup = weakref.finalize(self, shutil.rmtree, staging, ignore_errors=True)
         return self._staging
+
+    def hides(self) -> list[tuple[str, str]]:
+        """(host empty directory or file, sandbox path) binds that cover bundled datasets."""
+        staging = self.staging_dir()
+        return ([(str(staging / "empty"), path) for path in self.layout.hidden_dirs]
+                + [(str(staging / "empty_file"), path) for path in self.layout.hidden_files])
 
     def close(self):
         if self._staging is not None:
@@ -148,17 +256,18 @@ class BubblewrapBackend(Backend):
         mode = (f"host root, sandbox acts as host uid {self.config.sandbox_uid}"
                 if self.host_is_root else f"host uid {os.geteuid()}")
         return (f"bwrap ({self.tools['bwrap']}): user/pid/net/ipc/uts/cgroup namespaces, "
-                f"uid {self.config.sandbox_uid} in sandbox, {mode}, read-only system and Python "
-                f"({', '.join(self._ro_paths)}), writable {SANDBOX_WORKSPACE} only, no network")
+                f"uid {self.config.sandbox_uid} in sandbox, {mode}, {self._describe_python()}, "
+                f"writable {SANDBOX_WORKSPACE} only, no network")
 
     def command(self, inner: list[str], workspace: Path) -> list[str]:
         config = self.config
         if self.host_is_root:
             staging = self.staging_dir()
-            sources = [str(staging / f"ro{index}") for index in range(len(self._ro_paths))]
+            sources = [str(staging / f"ro{index}") for index in range(len(self.layout.mounts))]
             workspace_source = str(staging / "workspace")
         else:
-            sources, workspace_source = list(self._ro_paths), str(workspace)
+            sources = [host for host, _ in self.layout.mounts]
+            workspace_source = str(workspace)
         # --disable-userns: model code cannot make further user namespaces (kernel attack surface).
         args = [self.tools["bwrap"], "--unshare-all", "--unshare-user", "--disable-userns",
                 "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
@@ -169,8 +278,10 @@ class BubblewrapBackend(Backend):
                 args += ["--ro-bind", path, path]
         for path in _ETC_FILES:
             args += ["--ro-bind-try", path, path]
-        for source, path in zip(sources, self._ro_paths):
-            args += ["--ro-bind", source, path]
+        for source, (_, inside) in zip(sources, self.layout.mounts):
+            args += ["--ro-bind", source, inside]
+        for empty, path in self.hides():
+            args += ["--ro-bind", empty, path]
         args += ["--bind", workspace_source, SANDBOX_WORKSPACE,
                  "--proc", "/proc", "--dev", "/dev",
                  "--size", str(config.tmp_bytes), "--tmpfs", "/tmp",
@@ -178,7 +289,7 @@ class BubblewrapBackend(Backend):
                  "--remount-ro", "/",
                  "--uid", str(config.sandbox_uid), "--gid", str(config.sandbox_gid),
                  "--chdir", SANDBOX_WORKSPACE, "--clearenv"]
-        for key, value in sandbox_environment(config).items():
+        for key, value in self.environment().items():
             args += ["--setenv", key, value]
         args += ["--", *inner]
         if not self.host_is_root:
@@ -186,7 +297,7 @@ class BubblewrapBackend(Backend):
         # As root: expose the paths on the staging mount points in a private mount namespace,
         # then drop to the sandbox uid and let bubblewrap run unprivileged from there.
         binds = [f"mount --bind {shlex.quote(path)} {shlex.quote(source)}"
-                 for path, source in zip(self._ro_paths, sources)]
+                 for (path, _), source in zip(self.layout.mounts, sources)]
         binds.append(f"mount --bind {shlex.quote(str(workspace))} {shlex.quote(workspace_source)}")
         binds.append(f"exec {shlex.quote(self.tools['setpriv'])} --reuid={config.sandbox_uid} "
                      f"--regid={config.sandbox_gid} --clear-groups -- \"$@\"")
@@ -205,8 +316,8 @@ class UnshareBackend(Backend):
                 else f"host uid {os.geteuid()} mapped to root of an outer user namespace")
         return (f"unshare ({self.tools['unshare']}): mount/pid/net/ipc/uts namespaces, pivot_root "
                 f"into a tmpfs root, {mode}, inner user namespace with uid "
-                f"{self.config.sandbox_uid}, no capabilities, read-only system and Python "
-                f"({', '.join(self._ro_paths)}), writable {SANDBOX_WORKSPACE} only, no network")
+                f"{self.config.sandbox_uid}, no capabilities, {self._describe_python()}, "
+                f"writable {SANDBOX_WORKSPACE} only, no network")
 
     def _setup_script(self, workspace: Path) -> str:
         config = self.config
@@ -229,8 +340,10 @@ class UnshareBackend(Backend):
         for path in _ETC_FILES:
             if os.path.exists(path):
                 bind(path, path, is_dir=os.path.isdir(path))
-        for path in self._ro_paths:
-            bind(path, path)
+        for path, inside in self.layout.mounts:
+            bind(path, inside)
+        for empty, path in self.hides():
+            lines.append(f"mount --bind -o ro {quote(empty)} \"$R\"{quote(path)}")
         bind(str(workspace), SANDBOX_WORKSPACE, read_only=False)
         lines += [
             "mkdir -p \"$R/tmp\" \"$R/proc\" \"$R/dev/shm\"",
@@ -259,7 +372,7 @@ class UnshareBackend(Backend):
         drop += ["--nnp", "--inh-caps=-all", "--",
                  self.tools["unshare"], "--user", f"--map-user={config.sandbox_uid}",
                  f"--map-group={config.sandbox_gid}", "--", "/usr/bin/env", "-i"]
-        drop += [f"{key}={value}" for key, value in sandbox_environment(config).items()]
+        drop += [f"{key}={value}" for key, value in self.environment().items()]
         # Not `exec`: this shell stays pid 1 of the namespace, so the interpreter is an ordinary
         # process (kernel signals such as SIGXCPU reach it) and killing the shell ends them all.
         lines.append(" ".join(quote(part) for part in drop) + " \"$@\"")
@@ -280,6 +393,20 @@ class UnsandboxedBackend(Backend):
     """Rlimits only. Model code sees the whole machine; used only when explicitly allowed."""
 
     name = "unsandboxed"
+    isolated = False
+
+    @property
+    def executable(self) -> str:
+        return self.layout.host_executable
+
+    @property
+    def site_dirs(self) -> list[str]:
+        return _site_packages()
+
+    def environment(self) -> dict[str, str]:
+        python_bin = os.path.dirname(self.layout.host_executable)
+        return {**sandbox_environment(self.config),
+                "PATH": f"{python_bin}:/usr/local/bin:/usr/bin:/bin"}
 
     def describe(self) -> str:
         return ("UNSANDBOXED: model code runs as host uid "
@@ -287,7 +414,7 @@ class UnsandboxedBackend(Backend):
                 "and use the network")
 
     def command(self, inner: list[str], workspace: Path) -> list[str]:
-        env = [f"{key}={value}" for key, value in sandbox_environment(self.config).items()]
+        env = [f"{key}={value}" for key, value in self.environment().items()]
         return ["/usr/bin/env", "-i", *env, *inner]
 
 
@@ -307,9 +434,10 @@ def _probe(backend: Backend) -> str | None:
     try:
         if backend.host_is_root and backend.name != "unsandboxed":
             os.chown(probe_dir, backend.config.sandbox_uid, backend.config.sandbox_gid)
-        inner = python_command("import os; open('probe', 'w').write(str(os.getuid()))")
+        inner = python_command(backend.executable,
+                               "import os; open('probe', 'w').write(str(os.getuid()))")
         try:
-            done = subprocess.run(backend.command(inner, probe_dir), capture_output=True,
+            done = subprocess.run(backend.launch(inner, probe_dir), capture_output=True,
                                   timeout=30, cwd="/", start_new_session=True)
         except (OSError, subprocess.TimeoutExpired) as error:
             return f"{backend.name}: {error}"
@@ -330,6 +458,7 @@ _REQUIRED_TOOLS = {
 def select_backend(config: SandboxConfig) -> Backend:
     """The first working backend the config allows, probed once; raises if none is allowed."""
     tools = find_tools(config)
+    layout = python_layout(config)
     order = ["bwrap", "unshare"] if config.backend == "auto" else [config.backend]
     problems = []
     for name in order:
@@ -340,14 +469,14 @@ def select_backend(config: SandboxConfig) -> Backend:
         if missing:
             problems.append(f"{name}: {', '.join(missing)} not found on PATH")
             continue
-        backend = (BubblewrapBackend if name == "bwrap" else UnshareBackend)(config, tools)
+        backend = (BubblewrapBackend if name == "bwrap" else UnshareBackend)(config, tools, layout)
         problem = _probe(backend)
         if problem is None:
             return backend
         backend.close()
         problems.append(problem)
     if config.backend in ("auto", "unsandboxed") and config.allow_unsandboxed:
-        return UnsandboxedBackend(config, tools)
+        return UnsandboxedBackend(config, tools, layout)
     raise SandboxUnavailableError(
         f"no sandbox backend works (SandboxConfig.backend={config.backend!r}): "
         + "; ".join(problems or ["unsandboxed backend requested"])

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from mappa_jax.tools import backends
+from mappa_jax.tools.cgroups import WRAPPER_PROCESSES, CgroupManager
 from mappa_jax.tools.config import SandboxConfig
 from mappa_jax.tools.workspace import Workspace
 
@@ -17,16 +18,24 @@ logger = logging.getLogger(__name__)
 _RUNNER_SOURCE = (Path(__file__).parent / "cell_runner.py").read_text()
 # After a kill, how long to wait for the pipes to close before giving up on the rest of the output.
 _DRAIN_GRACE_S = 2.0
+# How long the reaper gets to kill and reap the run after the stop request, before SIGKILL.
+_STOP_GRACE_S = 5.0
+# How often the workspace's size is checked while a run writes to it.
+_WORKSPACE_POLL_S = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
 class ExecResult:
     """What running one action's cells produced.
 
-    exit_code: the runner's status (0 all cells ran, 1 a cell raised, 128+N killed by signal N,
-        -9 when the host killed it at the wall-clock limit).
+    exit_code: the runner's status (0 all cells ran, 1 a cell raised, 128+N or -N killed by
+        signal N, -9 when the host stopped it: wall-clock limit, workspace over its limit).
     killed_reason: None if the runner finished by itself, else "wall_timeout", "cpu_time"
-        (RLIMIT_CPU) or "signal <NAME>". A memory bomb is not killed: its cell gets MemoryError.
+        (RLIMIT_CPU), "memory" (the run's processes together went over total_memory_bytes and
+        the kernel killed one), "workspace_full" or "signal <NAME>". One process over its own
+        memory_bytes is not killed: its cell gets MemoryError.
+    workspace_full: the workspace is over its size or entry limit after this run; the note at
+        the end of stderr says so, and runs may not write files until enough is deleted.
     files_created / files_modified: relative paths (POSIX) changed by this run in the workspace.
     files_present: every file in the workspace after the run.
     """
@@ -42,6 +51,7 @@ class ExecResult:
     wall_s: float
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    workspace_full: bool = False
 
     @property
     def ok(self) -> bool:
@@ -103,30 +113,56 @@ def _killed_reason(exit_code: int, timed_out: bool) -> str | None:
 class Sandbox:
     """Runs model-written Python in isolation; the backend is chosen once, at construction.
 
-    Safe to share between concurrent episodes: each `run_cells` call is its own sandbox.
+    Safe to share between concurrent episodes: each `run_cells` call is its own sandbox, with its
+    own cgroup where the machine offers one (see cgroups.py).
     """
 
     def __init__(self, config: SandboxConfig = SandboxConfig()):
         self.config = config
         self.backend = backends.select_backend(config)
-        if isinstance(self.backend, backends.UnsandboxedBackend):
+        self.cgroups, self.cgroup_problem = None, "SandboxConfig.cgroup='off'"
+        if config.cgroup != "off":
+            self.cgroups, self.cgroup_problem = CgroupManager.detect(
+                config.total_memory_bytes, config.max_processes + WRAPPER_PROCESSES)
+            if self.cgroups is None and config.cgroup == "require":
+                self.backend.close()
+                raise backends.SandboxUnavailableError(
+                    "SandboxConfig.cgroup='require' but per-run cgroups do not work here: "
+                    + self.cgroup_problem)
+        if not self.backend.isolated:
             message = ("SANDBOX DISABLED: no isolation backend works and "
                        "SandboxConfig.allow_unsandboxed=True, so model-written code runs "
                        "directly on this machine. " + self.backend.describe())
             logger.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         else:
-            logger.info("sandbox backend: %s", self.backend.describe())
+            logger.info("sandbox: %s", self.describe())
 
     @property
     def backend_name(self) -> str:
         return self.backend.name
 
     def describe(self) -> str:
-        return self.backend.describe()
+        config = self.config
+        if self.cgroups is not None:
+            aggregate = self.cgroups.describe()
+        else:
+            aggregate = (f"NO aggregate memory/process limit per run ({self.cgroup_problem}): "
+                         f"only per-process rlimits, up to {config.max_processes} processes x "
+                         f"{config.memory_bytes >> 20} MiB")
+        return (f"{self.backend.describe()}; {aggregate}; per process {config.cpu_time_s} CPU-s "
+                f"and {config.memory_bytes >> 20} MiB address space; {config.wall_timeout_s:g} s "
+                f"wall clock per action; workspace at most {config.workspace_max_bytes >> 20} MiB "
+                f"in {config.workspace_max_files} entries")
 
     def close(self):
         self.backend.close()
+
+    def _over_limit(self, usage: tuple[int, int], start: tuple[int, int] = (0, 0)) -> bool:
+        """Over the workspace limit (or, if it started over, grown beyond where it started)."""
+        size, entries = usage
+        return (size > max(self.config.workspace_max_bytes, start[0])
+                or entries > max(self.config.workspace_max_files, start[1]))
 
     async def run_cells(self, cells: list[str], workspace: Workspace) -> ExecResult:
         """Runs `cells` in order in one interpreter inside `workspace`; never blocks the loop."""
@@ -136,63 +172,129 @@ class Sandbox:
             raise TypeError("cells must be a list of str")
         config = self.config
         loop = asyncio.get_running_loop()
-        sandboxed = not isinstance(self.backend, backends.UnsandboxedBackend)
-        if sandboxed and self.backend.host_is_root:
+        if self.backend.isolated and self.backend.host_is_root:
             await loop.run_in_executor(None, workspace.hand_over, config.sandbox_uid,
                                        config.sandbox_gid)
         before = await loop.run_in_executor(None, workspace.snapshot)
-        request = json.dumps({"cells": list(cells), "limits": config.runner_limits(),
-                              "site_dirs": backends.site_dirs()}).encode()
-        argv = self.backend.command(backends.python_command(_RUNNER_SOURCE), workspace.path)
+        size, entries = await loop.run_in_executor(None, workspace.usage)
+        # No single file may take the workspace past its limit; a full one takes no writes at all.
+        room = config.workspace_max_bytes - size if entries < config.workspace_max_files else 0
+        request = json.dumps({
+            "cells": list(cells),
+            "limits": config.runner_limits(file_size_bytes=max(0, min(config.file_size_bytes, room))),
+            "site_dirs": self.backend.site_dirs}).encode()
+        cgroup = None
+        if self.cgroups is not None:
+            try:
+                cgroup = await loop.run_in_executor(None, self.cgroups.create, workspace.path.name)
+            except OSError as error:
+                if config.cgroup == "require":
+                    raise
+                logger.warning("sandbox: no cgroup for this run (%s); per-process limits only",
+                               error)
+        inner = backends.python_command(self.backend.executable, _RUNNER_SOURCE)
+        argv = self.backend.launch(inner, workspace.path,
+                                   cgroup.procs_files if cgroup is not None else ())
 
         started = time.monotonic()
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, cwd=str(workspace.path) if not sandboxed else "/",
-            start_new_session=True)
         stdout, stderr = (_BoundedOutput(config.max_output_bytes),
                           _BoundedOutput(config.max_output_bytes))
-        readers = [asyncio.ensure_future(_drain(process.stdout, stdout)),
-                   asyncio.ensure_future(_drain(process.stderr, stderr))]
-
-        async def feed_and_wait():
-            try:
-                process.stdin.write(request)
-                await process.stdin.drain()
-                process.stdin.close()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the sandbox died before reading; its exit status says why
-            await process.wait()
-
-        timed_out = False
+        timed_out = workspace_stopped = False
         try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=str(workspace.path) if not self.backend.isolated else "/",
+                start_new_session=True)
+            readers = [asyncio.ensure_future(_drain(process.stdout, stdout)),
+                       asyncio.ensure_future(_drain(process.stderr, stderr))]
+
+            async def feed_and_wait():
+                try:
+                    process.stdin.write(request)
+                    await process.stdin.drain()
+                    process.stdin.close()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the sandbox died before reading; its exit status says why
+                await process.wait()
+
+            async def watch_workspace():
+                # A full workspace may still run actions, to delete files; not to grow.
+                while not self._over_limit(await loop.run_in_executor(None, workspace.usage),
+                                           start=(size, entries)):
+                    await asyncio.sleep(_WORKSPACE_POLL_S)
+
+            finished = asyncio.ensure_future(feed_and_wait())
+            watcher = asyncio.ensure_future(watch_workspace())
             try:
-                await asyncio.wait_for(feed_and_wait(), timeout=config.wall_timeout_s)
-            except asyncio.TimeoutError:
-                timed_out = True
+                done, _ = await asyncio.wait([finished, watcher], timeout=config.wall_timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                timed_out = not done
+                workspace_stopped = watcher in done and finished not in done
+            finally:
+                # Whatever happened (timeout, cancellation), nothing of this run may outlive it.
+                for task in (finished, watcher):
+                    task.cancel()
+                await _stop(process)
+                _, pending = await asyncio.wait(readers, timeout=_DRAIN_GRACE_S)
+                for reader in pending:
+                    reader.cancel()
         finally:
-            # Whatever happened (timeout, cancellation), nothing of this run may outlive it.
-            _kill_group(process)
-            await process.wait()
-            done, pending = await asyncio.wait(readers, timeout=_DRAIN_GRACE_S)
-            for reader in pending:
-                reader.cancel()
+            oom_kills = 0
+            if cgroup is not None:
+                oom_kills = cgroup.oom_kills()
+                await loop.run_in_executor(None, cgroup.kill_and_remove)
         wall_s = time.monotonic() - started
 
         exit_code = process.returncode
         after = await loop.run_in_executor(None, workspace.snapshot)
+        usage = await loop.run_in_executor(None, workspace.usage)
         changes = Workspace.diff(before, after)
+        killed_reason = _killed_reason(exit_code, timed_out)
+        notes = []
+        if oom_kills:
+            if exit_code != 0 and not timed_out:
+                killed_reason = "memory"
+            notes.append(f"[sandbox: this action's processes together went over "
+                         f"{config.total_memory_bytes >> 20} MiB of memory; the kernel killed "
+                         f"{oom_kills} of them]")
+        full = self._over_limit(usage) or workspace_stopped
+        if workspace_stopped:
+            killed_reason = "workspace_full"
+        if full:
+            notes.append(f"[sandbox: the workspace holds {usage[0]} bytes in {usage[1]} entries, "
+                         f"over its limit of {config.workspace_max_bytes} bytes or "
+                         f"{config.workspace_max_files} entries"
+                         + ("; this action was stopped" if workspace_stopped else "")
+                         + ". Until files are deleted, no action can write to any file.]")
+        stderr_text = stderr.text("stderr")
+        if notes:
+            stderr_text += ("\n" if stderr_text and not stderr_text.endswith("\n") else "") + \
+                "\n".join(notes) + "\n"
         return ExecResult(
-            stdout=stdout.text("stdout"), stderr=stderr.text("stderr"), exit_code=exit_code,
-            timed_out=timed_out, killed_reason=_killed_reason(exit_code, timed_out),
+            stdout=stdout.text("stdout"), stderr=stderr_text, exit_code=exit_code,
+            timed_out=timed_out, killed_reason=killed_reason,
             files_created=changes.created, files_modified=changes.modified,
             files_present=tuple(sorted(after)), wall_s=wall_s,
-            stdout_truncated=stdout.truncated, stderr_truncated=stderr.truncated)
+            stdout_truncated=stdout.truncated, stderr_truncated=stderr.truncated,
+            workspace_full=full)
 
 
-def _kill_group(process: asyncio.subprocess.Process):
-    """SIGKILLs the run's process group; the sandbox's pid namespace dies with its leader."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+async def _stop(process: asyncio.subprocess.Process):
+    """Asks the run's reaper to kill and reap everything of the run; SIGKILL if it does not."""
+    if process.returncode is None:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            await asyncio.wait_for(process.wait(), timeout=_STOP_GRACE_S)
+            return
+        except asyncio.TimeoutError:
+            logger.warning("sandbox: reaper %d ignored the stop request; killing its group",
+                           process.pid)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    await process.wait()

@@ -73,6 +73,26 @@ class Workspace:
         """Regular files in the workspace, as sorted relative POSIX paths."""
         return [relative for relative, _ in self._relative_files()]
 
+    def usage(self) -> tuple[int, int]:
+        """(bytes, entries): apparent size of every regular file, and files + dirs + links."""
+        total = entries = 0
+        pending = [str(self.path)]
+        while pending:
+            try:
+                with os.scandir(pending.pop()) as listing:
+                    for entry in listing:
+                        entries += 1
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                pending.append(entry.path)
+                            elif entry.is_file(follow_symlinks=False):
+                                total += entry.stat(follow_symlinks=False).st_size
+                        except OSError:
+                            pass  # deleted while we looked
+            except OSError:
+                pass
+        return total, entries
+
     def snapshot(self) -> Snapshot:
         states = {}
         for relative, full in self._relative_files():
