@@ -1,4 +1,5 @@
-"""Model hyper-parameters for the Llama / Qwen2 / Qwen3 decoder family, built from HF config.json."""
+"""Model hyper-parameters for the Llama / Qwen2 / Qwen3 decoder family, built from HF config.json
+(and the end-of-sequence ids of generation_config.json beside it)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,14 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 ATTENTION_IMPLS = ("dense", "blockwise")
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _token_ids(value, where: str) -> tuple[int, ...]:
+    """An HF token-id field (null, an id, or a list of ids) as a tuple."""
+    values = () if value is None else value if isinstance(value, (list, tuple)) else (value,)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{where} must be a token id or a list of token ids, got {value!r}")
+    return tuple(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,11 +98,20 @@ class ModelConfig:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: Any, **overrides) -> "ModelConfig":
-        """From a transformers PretrainedConfig, a config.json dict, or a path to config.json / its dir."""
+        """From a transformers PretrainedConfig, a config.json dict, or a path to config.json / its dir.
+
+        eos_token_ids: config.json's eos_token_id, then (from a path) the ids generation_config.json
+        beside it adds: chat models stop generating at either (Qwen3 lists <|im_end|> and
+        <|endoftext|> there, config.json only one of them), as transformers' generate does."""
+        generation_eos: tuple[int, ...] = ()
         if isinstance(hf, (str, pathlib.Path)):
             path = pathlib.Path(hf)
             path = path / "config.json" if path.is_dir() else path
             hf = json.loads(path.read_text())
+            generation = path.parent / "generation_config.json"
+            if generation.exists():
+                generation_eos = _token_ids(json.loads(generation.read_text()).get("eos_token_id"),
+                                            f"{generation}: eos_token_id")
         get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
         model_type = get("model_type")
         family = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}.get(model_type)
@@ -117,8 +135,7 @@ class ModelConfig:
             raise ValueError(f"rope_type {rope_type!r} is not supported (default, llama3, linear)")
         heads = int(get("num_attention_heads"))
         hidden = int(get("hidden_size"))
-        eos = get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        eos = tuple(dict.fromkeys(_token_ids(get("eos_token_id"), "config.json: eos_token_id") + generation_eos))
         fields = dict(
                 family=family, vocab_size=int(get("vocab_size")), hidden_size=hidden,
                 intermediate_size=int(get("intermediate_size")), num_layers=int(get("num_hidden_layers")),
