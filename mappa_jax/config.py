@@ -216,10 +216,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "and not both 0")
     if config.reward.outcome_weight > 0 and topology.pipeline == "mathchat" and not topology.answer_agent:
         raise ConfigError("config key 'reward.outcome_weight' needs a topology with an answer_agent")
-    rows = config.train.tasks_per_step * config.train.samples_per_task
-    if rows > max(config.sampler.batch_buckets):
-        raise ConfigError(f"train.tasks_per_step x train.samples_per_task = {rows} exceeds the largest "
-                          f"sampler.batch_buckets entry {max(config.sampler.batch_buckets)}")
+    # The sampler splits a rollout larger than its largest batch bucket into calls of whole prompts
+    # (each with all its samples), so only the samples of one prompt must fit in one call.
+    largest = max(config.sampler.batch_buckets)
+    for key in ("samples_per_task", "eval_samples"):
+        if int(config.train[key]) > largest:
+            raise ConfigError(f"config key 'train.{key}' = {config.train[key]} exceeds the largest "
+                              f"sampler.batch_buckets entry {largest}: one prompt's samples share a sampler call")
     source = config.model.source
     if source.startswith("random:") and source.split(":", 1)[1] not in ("llama", "qwen2", "qwen3"):
         raise ConfigError(f"config key 'model.source' {source!r}: random models are random:llama, "

@@ -14,7 +14,6 @@ import collections
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import pathlib
 import time
@@ -36,13 +35,12 @@ from mappa_jax.metrics import MetricsWriter, Progress
 from mappa_jax.models import hub, weights
 from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.decoder import Decoder, compute_copy
-from mappa_jax.models.lora import LoraAdapters, merge_lora
+from mappa_jax.models.lora import merge_lora
+from mappa_jax import plan as run_plan
 from mappa_jax.parallel import distributed, memory_check
-from mappa_jax.rl.config import RLConfig
 from mappa_jax.rl.experience import Sample, build_experience, sample_counts
 from mappa_jax.rl.pipeline import train_step
-from mappa_jax.rl.update import PolicyUpdater
-from mappa_jax.sampling import Sampler, SamplerConfig
+from mappa_jax.sampling import Sampler
 from mappa_jax.tools import Sandbox, sandbox_config_from
 from mappa_jax.workdir import OutputMirror, is_remote, local_workdir
 from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, SamplerPolicy,
@@ -99,24 +97,6 @@ def _check_workdir(workdir: pathlib.Path) -> None:
         probe.unlink()
     except OSError as err:
         raise ConfigError(f"config key 'workdir': {workdir} is not writable ({err.strerror})") from err
-
-
-def _rl_config(config, topology, data_shards: int) -> RLConfig:
-    values = config.rl.to_dict()
-    if not values["total_optimizer_steps"]:
-        # The LR horizon in optimizer steps: the most actions one policy can take per step, in
-        # train batches, times the steps (MAPPA's released code counted prompts instead).
-        episodes = config.train.tasks_per_step * config.train.samples_per_task
-        turns = collections.Counter()
-        for spec in topology.agents:
-            turns[spec.policy] += spec.max_turns
-        rows = max(turns.values()) * episodes
-        values["total_optimizer_steps"] = config.train.steps * math.ceil(rows / values["train_batch_size"])
-    cfg = RLConfig.from_dict(values)
-    if cfg.micro_batch_size % data_shards:
-        raise ConfigError(f"config key 'rl.micro_batch_size'={cfg.micro_batch_size} is not a multiple of "
-                          f"the mesh's {data_shards} batch shards (mesh.data x mesh.fsdp)")
-    return cfg
 
 
 class ReportingPolicy:
@@ -180,20 +160,14 @@ class Trainer:
         self.model_cfg, self.base, self.tokenizer = load_model(config.model, config.seed, shardings_fn,
                                                                before_weights=self._check_memory,
                                                                frozen=config.policy.mode == "lora")
-        m = config.model  # the update's graph may trade compute for memory; the params are the same
-        self.graphdef = weights.abstract_model(self.model_cfg.replace(
-            remat=m.train_remat, attention_impl=m.train_attention, attention_block_size=m.train_attention_block))[0]
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.rl_cfg = _rl_config(config, self.topology, shards)
+        # The same constructors build the run's plan (mappa_jax/plan.py), which mappa-compile compiles.
+        self.updater = run_plan.build_updater(config, self.model_cfg, self.topology, self.mesh)
+        self.rl_cfg, self.lora_graphdef = self.updater.cfg, self.updater.lora_graphdef
         self._build_policies()
         sc = config.sampler
         pad = self.tokenizer.pad_token_id
-        self.sampler = Sampler(self.model_cfg, SamplerConfig(
-            batch_buckets=tuple(sc.batch_buckets), prompt_buckets=tuple(sc.prompt_buckets),
-            generation_buckets=tuple(sc.generation_buckets), compute_dtype=sc.compute_dtype or None,
-            cache_dtype=sc.cache_dtype or None, prefill_block_size=sc.prefill_block_size,
-            pad_token_id=self.model_cfg.eos_token_ids[0] if pad is None else pad),
-            mesh=self.mesh, tokenizer=self.tokenizer)
+        self.sampler = Sampler(self.model_cfg, run_plan.sampler_config(
+            config, self.model_cfg.eos_token_ids[0] if pad is None else pad), mesh=self.mesh, tokenizer=self.tokenizer)
         self.policy = SamplerPolicy(self.sampler, self.tokenizer, {}, top_p=sc.top_p, top_k=sc.top_k)
         self._refresh_sampler_weights()
         self.chat = ChatFormat(self.tokenizer, config.model.chat_template_kwargs.to_dict())
@@ -210,16 +184,11 @@ class Trainer:
     # -- policies --------------------------------------------------------------------------------
     def _build_policies(self) -> None:
         c = self.config
-        if c.policy.mode == "lora":
-            make = lambda i: LoraAdapters(self.model_cfg, c.policy.lora_rank, c.policy.lora_alpha,
-                                          tuple(c.policy.lora_targets), rngs=nnx.Rngs(c.seed * 1000 + i))
-            self.lora_graphdef = nnx.split(nnx.eval_shape(lambda: make(0)))[0]
-            self.updater = PolicyUpdater(self.graphdef, self.rl_cfg, self.mesh, lora_graphdef=self.lora_graphdef)
-            self.policies = {name: self.updater.new_lora_agent(self.base, nnx.state(make(i)))
-                             for i, name in enumerate(self.topology.policies)}
+        if self.updater.uses_lora:
+            self.policies = {name: self.updater.new_lora_agent(
+                self.base, nnx.state(run_plan.make_adapters(c, self.model_cfg, i)))
+                for i, name in enumerate(self.topology.policies)}
         else:
-            self.lora_graphdef = None
-            self.updater = PolicyUpdater(self.graphdef, self.rl_cfg, self.mesh)
             self.policies = {name: self.updater.new_full_agent(self.base) for name in self.topology.policies}
             self.base = None  # each agent holds its own copy and reference: free the loaded one
 
@@ -404,7 +373,7 @@ class Trainer:
         # Prompts and generations snap to the sampler's own buckets ("split" layout), so the trainer
         # computes logits only over the generation window.
         experiences = {name: build_experience(
-            rows, batch_buckets=tuple(tb * 2 ** k for k in range(12)), batch_multiple=tb, pad_id=pad,
+            rows, batch_buckets=run_plan.update_batch_buckets(tb), batch_multiple=tb, pad_id=pad,
             padding_side="split", prompt_buckets=tuple(c.sampler.prompt_buckets),
             generation_buckets=tuple(c.sampler.generation_buckets)) for name, rows in samples.items()}
         t_update = time.perf_counter()

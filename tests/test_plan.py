@@ -1,0 +1,107 @@
+"""Every file in configs/ is a run that starts: it loads, validates and plans (mesh, sampler buckets,
+every program with abstract inputs) without any weight."""
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from mappa_jax.config import ConfigError, config_from_file, validate
+from mappa_jax.models.known import KNOWN_ARCHITECTURES, architecture
+from mappa_jax.plan import device_bytes, plan_run
+from mappa_jax.workflows import topology_from_config
+
+CONFIGS = sorted(pathlib.Path(__file__).resolve().parent.parent.glob("configs/*.py"))
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def test_every_config_file_is_found():
+    assert {p.name for p in CONFIGS} >= {"base.py", "demo.py", "tiny.py", "mathchat_qwen3_4b.py",
+                                        "mathchat_r1_distill_1p5b.py", "datascience_qwen3_4b.py"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_loads_validates_and_plans(path):
+    config = config_from_file(path)
+    validate(config)
+    plan = plan_run(config, jax.devices()[:1])
+    assert math.prod(plan.mesh.shape.values()) == 1
+    sc = config.sampler
+    assert plan.buckets == {"batch": tuple(sc.batch_buckets), "prompt": tuple(sc.prompt_buckets),
+                            "generation": tuple(sc.generation_buckets)}
+    names = [p.name for p in plan.programs]
+    assert "update" in names and any(n.startswith("logprobs (trainer") for n in names)
+    assert any("reference" in n for n in names)
+    for b in sc.batch_buckets:
+        assert f"prefill b{b}" in names and f"decode b{b}" in names
+    # Nothing is materialized: every input of every program is shape-only.
+    for program in plan.programs:
+        leaves = jax.tree.leaves((program.args, program.kwargs))
+        assert leaves and not any(isinstance(x, jax.Array) for x in leaves), program.name
+    # The update sees prompt bucket + generation bucket tokens for the most actions of one policy.
+    update = next(p for p in plan.programs if p.name == "update")
+    exp = update.args[2]
+    assert exp.tokens.shape[1] == plan.workload.rollout_prompt_len + plan.workload.rollout_new_tokens
+    assert exp.logprob_start == plan.workload.rollout_prompt_len
+    assert exp.tokens.shape[0] % config.rl.train_batch_size == 0
+
+    # Resident bytes against the parameter count (an independent formula, ModelConfig.num_params):
+    # full finetuning holds per policy its params, AdamW's two moments and a reference copy.
+    policies = len(topology_from_config(config.topology).policies)
+    n = plan.model.num_params()
+    if config.policy.mode == "full":
+        p_bytes, r_bytes = _BYTES[config.model.param_dtype], _BYTES[config.model.dtype]
+        expected = policies * n * (3 * p_bytes + r_bytes)
+        # Norm scales stay in param_dtype in the reference: at most a few thousand values differ.
+        assert plan.resident_bytes == pytest.approx(expected, rel=1e-3)
+    else:
+        cfg, rank = plan.model, config.policy.lora_rank
+        widths = {"q_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
+                  "k_proj": (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim),
+                  "v_proj": (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim),
+                  "o_proj": (cfg.num_heads * cfg.head_dim, cfg.hidden_size),
+                  "gate_proj": (cfg.hidden_size, cfg.intermediate_size),
+                  "up_proj": (cfg.hidden_size, cfg.intermediate_size),
+                  "down_proj": (cfg.intermediate_size, cfg.hidden_size)}
+        adapter = sum(rank * (i + o) for i, o in (widths[t] for t in config.policy.lora_targets)) * cfg.num_layers
+        expected = n * _BYTES[config.model.dtype] + policies * 3 * adapter * _BYTES[config.model.param_dtype]
+        assert plan.resident_bytes == pytest.approx(expected, rel=2e-3)
+    assert plan.resident_bytes == pytest.approx(plan.estimate.resident, rel=1e-4)  # + step counters
+
+
+def test_paper_architectures_without_weights():
+    """The paper's models from their published config.json values: parameter counts as published
+    (Qwen3-4B: 4.0B with tied embeddings; R1-Distill-Qwen-1.5B: 1.78B, untied)."""
+    qwen = architecture(config_from_file(CONFIGS[0].with_name("mathchat_qwen3_4b.py")).model)
+    assert (qwen.family, qwen.num_layers, qwen.hidden_size, qwen.rope_theta) == ("qwen3", 36, 2560, 5e6)
+    assert qwen.num_params() == pytest.approx(4.02e9, rel=0.01)
+    r1 = architecture(config_from_file(CONFIGS[0].with_name("mathchat_r1_distill_1p5b.py")).model)
+    assert (r1.family, r1.qkv_bias, r1.tie_word_embeddings) == ("qwen2", True, False)
+    assert r1.num_params() == pytest.approx(1.777e9, rel=0.01)
+    assert "Qwen/Qwen3-4B" in KNOWN_ARCHITECTURES
+
+
+def test_unknown_hub_model_names_the_key():
+    config = config_from_file(CONFIGS[0].with_name("tiny.py"))
+    config.model.source = "no-such-org/no-such-model"
+    with pytest.raises(FileNotFoundError, match="model.source"):
+        architecture(config.model)
+
+
+def test_rollout_larger_than_the_largest_bucket_is_valid():
+    """The sampler splits a call larger than its largest batch bucket: 32 tasks x 2 samples with
+    buckets up to 32 is a valid run; one prompt's samples beyond the largest bucket are not."""
+    config = config_from_file(CONFIGS[0].with_name("mathchat_qwen3_4b.py"))
+    assert config.train.tasks_per_step * config.train.samples_per_task > max(config.sampler.batch_buckets)
+    validate(config)
+    config.train.samples_per_task = 64
+    with pytest.raises(ConfigError, match="train.samples_per_task"):
+        validate(config)
+
+
+def test_device_bytes_counts_one_shard():
+    mesh = jax.make_mesh((1,), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    tree = {"a": jax.ShapeDtypeStruct((4, 3), np.float32, sharding=sharding)}
+    assert device_bytes(tree) == 48
