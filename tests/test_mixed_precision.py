@@ -209,3 +209,45 @@ def test_export_writes_the_configured_dtype(tmp_path, master):
     delta = adapters.scale * jnp.einsum("lir,lro->lio", adapters.q_proj_a[...], adapters.q_proj_b[...])
     np.testing.assert_allclose(np.asarray(merged["q_proj"][...]),
                                np.asarray(base["q_proj"][...].astype(jnp.float32) + delta), rtol=1e-6)
+
+
+def test_trainer_samples_from_the_compute_copy_and_exports_the_export_dtype(tmp_path):
+    """configs/tiny.py as full finetuning under bf16 compute, in process: one real step (rollout,
+    update), then the sampler's weights, the master copy and the HF export."""
+    import pathlib
+
+    from safetensors import safe_open
+
+    from mappa_jax.config import config_from_file
+    from mappa_jax.train import Trainer
+    config = config_from_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    config.workdir = str(tmp_path / "run")
+    config.policy.mode = "full"
+    config.model.param_dtype, config.model.dtype = "float32", "bfloat16"
+    config.train.export_hf, config.train.export_dtype = True, "bfloat16"
+    config.logging.tensorboard = False
+    trainer = Trainer(config)
+    try:
+        before = {name: floats(p.state.params) for name, p in trainer.policies.items()}
+        metrics = trainer.train_one_step()
+        for name, policy in trainer.policies.items():
+            assert {x.dtype for x in jax.tree.leaves(policy.state.params)} == {jnp.dtype(jnp.float32)}
+            sampled = trainer.policy.weights[name].params
+            assert {str(x.dtype) for x in jax.tree.leaves(sampled)} == {"bfloat16", "float32"}
+            want = compute_copy(policy.state.params, jnp.bfloat16)  # cast from the updated master
+            for a, b in zip(jax.tree.leaves(sampled), jax.tree.leaves(want)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            if metrics.get(f"actions/{name}/trained", 0):
+                after = floats(policy.state.params)
+                assert any(not np.array_equal(after[n], before[name][n]) for n in after), name
+        print(f"\ntiny full finetuning, bf16 compute: trainer/sampler logprob gap "
+              f"{ {k: round(v, 4) for k, v in metrics.items() if 'logprob_gap_mean' in k} }")
+        trainer.metrics.write(1, metrics)
+        trainer._write_outputs({})
+        name = next(iter(trainer.policies))
+        export = pathlib.Path(config.workdir) / "exports" / name
+        assert json.loads((export / "config.json").read_text())["torch_dtype"] == "bfloat16"
+        with safe_open(str(export / "model.safetensors"), framework="numpy") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {jnp.dtype(jnp.bfloat16)}
+    finally:
+        trainer.close()
