@@ -93,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
     # reference logprobs are all of the full softmax(logits / T) at the agent's temperature T.
     c.sampler.top_p = 1.0
     c.sampler.top_k = 0
+    # With mesh.fsdp > 1: "gathered" = each generate call gathers the sampling policy's weights over
+    # fsdp once (a copy for the call, counted by the memory check) so the decode loop reads local
+    # weights; "sharded" = decode from the training layout (no copy; XLA then all-gathers every
+    # layer's weights at every decoded token).
+    c.sampler.weight_layout = "gathered"
 
     # --- the multiagent system ------------------------------------------------------------------
     c.topology = mathchat_config()  # or data_science_config(); see mappa_jax/workflows/topologies.py
@@ -202,6 +207,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.mesh.memory_check not in ("auto", "raise", "warn"):
         raise ConfigError("config key 'mesh.memory_check' must be 'auto', 'raise' or 'warn', "
                           f"got {config.mesh.memory_check!r}")
+    if config.sampler.weight_layout not in ("gathered", "sharded"):
+        raise ConfigError("config key 'sampler.weight_layout' must be 'gathered' or 'sharded', "
+                          f"got {config.sampler.weight_layout!r}")
     if config.policy.mode not in ("lora", "full"):
         raise ConfigError(f"config key 'policy.mode' must be 'lora' or 'full', got {config.policy.mode!r}")
     for key in ("steps", "tasks_per_step", "samples_per_task", "eval_samples", "checkpoint_every",

@@ -10,22 +10,16 @@ import textwrap
 from cpu_devices import cpu_devices_env
 
 CHILD = textwrap.dedent('''
+    import sys
     import jax, numpy as np
-    from flax import nnx
-    from mappa_jax.models.config import ModelConfig
-    from mappa_jax.models.decoder import Decoder
-    from mappa_jax.models.lora import LoraAdapters
     from mappa_jax.parallel import make_mesh
     from mappa_jax.sampling import Sampler, SamplerConfig
+    sys.path.insert(0, "tests")
+    from tiny_policy import tiny_policy
 
     assert jax.device_count() == 8, jax.devices()
-    cfg = ModelConfig.tiny("llama")
-    _, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
-    state = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), state)
-    lora = LoraAdapters(cfg, rank=2, alpha=4.0, targets=("q_proj", "up_proj"), rngs=nnx.Rngs(2))
-    lora.up_proj_b[...] = 0.3 * jax.random.normal(jax.random.key(3), lora.up_proj_b.shape)
+    cfg, state, lora, prompts = tiny_policy()
     buckets = SamplerConfig(batch_buckets=(8, 16), prompt_buckets=(16,), generation_buckets=(16,))
-    prompts = [[1, 5, 9], [1, 7, 8, 9, 10, 11], [1, 100, 3, 4], [9]]
     calls = [dict(n=3, temperature=1.0, top_p=0.9, seed=3), dict(n=2, temperature=0.0, lora=lora)]
     single = Sampler(cfg, buckets)
     reference = [single.generate(state, prompts, max_new_tokens=12, stop_token_ids=[], **kw) for kw in calls]
@@ -39,7 +33,7 @@ CHILD = textwrap.dedent('''
         # The KV cache really is split over the data axes.
         prefill, _ = sharded._programs_for(None)
         rows = np.zeros((8,), np.int32)
-        cache, _ = prefill(sharded._put_params(state), None, sharded._put_batch(np.ones((8, 16), np.int32)),
+        cache, _ = prefill(sharded.place_weights(state), None, sharded._put_batch(np.ones((8, 16), np.int32)),
                            sharded._put_batch(np.ones((8, 16), bool)), sharded._put_batch(rows), generation_slots=16)
         assert len(cache.k.sharding.device_set) == 8
         assert cache.k.sharding.shard_shape(cache.k.shape)[1] == 8 // (axes.get("data", 1) * axes.get("fsdp", 1))

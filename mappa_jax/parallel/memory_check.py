@@ -12,8 +12,11 @@ The estimate follows what the code keeps on each device:
   scan saves for the backward pass (dense attention materializes [T, T] scores; `remat` keeps only
   layer inputs; blockwise attention holds one [T, block] slab at a time), and the float32 logits of
   at most `logits_chunk` generated positions (the trainer's head runs on the generation window only);
-- while one agent samples: its KV cache (batch split over data x fsdp, not over tensor) and the
-  prefill's layer temporaries, attention scores (dense [P, P] for short prompts; query x key
+- while one agent samples: the sampler's gathered copy of its weights when fsdp > 1 and
+  sampler.weight_layout is "gathered" (whole over fsdp, split over tensor, in the dtype the sampler
+  reads: mappa_jax/sampling/sampler.py gathers it once per generate call so that the decode loop
+  does not all-gather weights at every token), its KV cache (batch split over data x fsdp, not over
+  tensor) and the prefill's layer temporaries, attention scores (dense [P, P] for short prompts; query x key
   blocks past sampler.prefill_block_size) and last-position logits.
 Peak = resident + max(update, rollout). Parameter bytes are exact (the real sharding rules applied to
 shape-only parameters); activations are an estimate (XLA fuses some buffers and keeps others).
@@ -40,6 +43,7 @@ AXES = ("data", "fsdp", "tensor")
 # The run-config keys that the suggestions name (the lead's configs/base.py layout).
 MESH_KEYS = {"data": "mesh.data", "fsdp": "mesh.fsdp", "tensor": "mesh.tensor"}
 LORA_MODE_FLAG = "--config.policy.mode=lora"
+SAMPLER_SHARDED_FLAG = "--config.sampler.weight_layout=sharded"
 LORA_RANK_KEY = "policy.lora_rank"
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Known per-chip memory when the runtime does not report it (bytes).
@@ -75,12 +79,18 @@ class Workload:
     # The sampler prefills prompts longer than this with query x key blocks of this size
     # (sampler.prefill_block_size); 0 = always dense [prompt, prompt] scores.
     prefill_block: int = 0
+    # sampler.weight_layout: "gathered" = the sampler gathers the sampling agent's weights over fsdp
+    # for each generate call (a copy while it samples); "sharded" = it decodes from the training layout.
+    sampler_weight_layout: str = "gathered"
 
     def __post_init__(self):
         for key in ("num_agents", "train_micro_batch", "train_seq_len", "rollout_rows",
                     "rollout_prompt_len", "rollout_new_tokens", "logits_chunk", "attention_block"):
             if int(getattr(self, key)) <= 0:
                 raise ValueError(f"memory workload: {key} must be positive, got {getattr(self, key)}")
+        if self.sampler_weight_layout not in ("gathered", "sharded"):
+            raise ValueError(f"memory workload: sampler_weight_layout must be 'gathered' or 'sharded', "
+                             f"got {self.sampler_weight_layout!r}")
         if self.lora_rank < 0:
             raise ValueError(f"memory workload: lora_rank must be >= 0, got {self.lora_rank}")
         if self.train_generated_len is not None and not 0 < self.train_generated_len <= self.train_seq_len:
@@ -99,6 +109,7 @@ class MemoryEstimate:
     budget: int | None = None  # usable bytes per device, when checked against a device
     # Why the run would not fit, when the check only warns (CPU); None = it fits or was not checked.
     problem: str | None = None
+    sampler_weight_layout: str = "gathered"
 
     RESIDENT = ("weights", "reference", "adapters", "optimizer", "compute_copies")
 
@@ -112,7 +123,7 @@ class MemoryEstimate:
 
     @property
     def rollout(self) -> int:
-        return self.terms["kv_cache"] + self.terms["prefill"]
+        return self.terms["kv_cache"] + self.terms["prefill"] + self.terms.get("sampler_weights", 0)
 
     @property
     def peak(self) -> int:
@@ -157,6 +168,22 @@ def _abstract_adapters(cfg: ModelConfig, rank: int, targets):
     from flax import nnx
     from mappa_jax.models.lora import LoraAdapters
     return nnx.split(nnx.eval_shape(lambda: LoraAdapters(cfg, rank, 1.0, targets, rngs=nnx.Rngs(0))))[1]
+
+
+def _sampler_weight_bytes(work: Workload, sizes: Mapping[str, int]) -> int:
+    """Per-device bytes of the sampler's gathered copy of one agent's weights (LoRA: the base and
+    that agent's adapters), as it reads them (compute dtype) in `decode_param_shardings`' layout,
+    i.e. the parameter rules on this mesh with fsdp = 1. 0 without fsdp or with the "sharded"
+    layout, where the sampler decodes from the weights as they are."""
+    if work.sampler_weight_layout != "gathered" or sizes["fsdp"] == 1:
+        return 0
+    from mappa_jax.models.decoder import compute_copy
+    whole = dict(sizes, fsdp=1)
+    total = _sharded_bytes(compute_copy(_abstract_params(work.model), work.model.jnp_dtype), whole)
+    if work.lora_rank:
+        adapters = _abstract_adapters(work.model, work.lora_rank, work.lora_targets)
+        total += _sharded_bytes(compute_copy(adapters, work.model.jnp_dtype), whole)
+    return total
 
 
 # ---- the estimate --------------------------------------------------------------------------------
@@ -216,6 +243,7 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
     prompt, slots = work.rollout_prompt_len, work.rollout_prompt_len + work.rollout_new_tokens
     per_slot = 2 * cfg.num_layers * rows * kv_width * cache_dt
     kv_cache = per_slot * slots
+    sampler_weights = _sampler_weight_bytes(work, sizes)
     # Prefill: the prompt-length cache (before it grows), one layer's temporaries (q, k, v, attention
     # output, the MLP's gate / up / product), its attention scores (dense [P, P], or one query block x
     # key block at a time plus the float32 accumulator) and the logits of each row's last position.
@@ -229,8 +257,8 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
 
     terms = {"weights": weights, "reference": reference, "adapters": adapters, "optimizer": optimizer,
              "compute_copies": compute_copies, "gradients": gradients, "activations": activations, "logits": logits,
-             "kv_cache": kv_cache, "prefill": prefill}
-    return MemoryEstimate(sizes, work.lora_rank, terms)
+             "kv_cache": kv_cache, "prefill": prefill, "sampler_weights": sampler_weights}
+    return MemoryEstimate(sizes, work.lora_rank, terms, sampler_weight_layout=work.sampler_weight_layout)
 
 
 # ---- device memory -------------------------------------------------------------------------------
@@ -275,22 +303,29 @@ def candidate_meshes(num_devices: int, work: Workload) -> list[dict[str, int]]:
 
 def suggest(work: Workload, num_devices: int, budget: int, lora_ranks=(16, 64)) -> list[MemoryEstimate]:
     """Settings that fit in `budget` bytes per device: the same LoRA setting on other meshes first,
-    then LoRA ranks; within each, more data parallelism (less sharding) first."""
-    options = [work.lora_rank] + [r for r in lora_ranks if r != work.lora_rank and work.lora_rank == 0]
+    then the sampler decoding from the sharded weights (no gathered copy, slower decoding), then
+    LoRA ranks; within each, more data parallelism (less sharding) first."""
+    ranks = [work.lora_rank] + [r for r in lora_ranks if r != work.lora_rank and work.lora_rank == 0]
+    layouts = [work.sampler_weight_layout] + (["sharded"] if work.sampler_weight_layout == "gathered" else [])
     fits = []
-    for rank in options:
-        for mesh in candidate_meshes(num_devices, work):
-            est = estimate(work.replace(lora_rank=rank), mesh)
-            if est.peak <= budget:
-                fits.append(est)
-    changed = lambda e: e.lora_rank != work.lora_rank
-    return sorted(fits, key=lambda e: (changed(e), e.mesh["tensor"], e.mesh["fsdp"], e.peak))
+    for rank in ranks:
+        for layout in layouts:
+            for mesh in candidate_meshes(num_devices, work):
+                if layout != work.sampler_weight_layout and mesh["fsdp"] == 1:
+                    continue  # without fsdp both layouts are the training layout
+                est = estimate(work.replace(lora_rank=rank, sampler_weight_layout=layout), mesh)
+                if est.peak <= budget:
+                    fits.append(est)
+    changed = lambda e: (e.lora_rank != work.lora_rank, e.sampler_weight_layout != work.sampler_weight_layout)
+    return sorted(fits, key=lambda e: (*changed(e), e.mesh["tensor"], e.mesh["fsdp"], e.peak))
 
 
 def _overrides(est: MemoryEstimate, work: Workload) -> str:
     flags = [f"--config.{MESH_KEYS[a]}={est.mesh[a]}" for a in AXES]
     if est.lora_rank != work.lora_rank:
         flags += [LORA_MODE_FLAG, f"--config.{LORA_RANK_KEY}={est.lora_rank}"]
+    if est.sampler_weight_layout != work.sampler_weight_layout:
+        flags.append(SAMPLER_SHARDED_FLAG)
     return " ".join(flags) + f"  (peak {_gib(est.peak)})"
 
 
@@ -360,7 +395,8 @@ def workload_from_config(config, model: ModelConfig) -> Workload:
         remat=bool(m.get("train_remat", model.remat)),
         flash_attention=m.get("train_attention", model.attention_impl) == "blockwise",
         attention_block=int(m.get("train_attention_block", model.attention_block_size)),
-        prefill_block=int(config.sampler.get("prefill_block_size", 0)))
+        prefill_block=int(config.sampler.get("prefill_block_size", 0)),
+        sampler_weight_layout=config.sampler.get("weight_layout", "gathered"))
 
 
 def _first_device(mesh):

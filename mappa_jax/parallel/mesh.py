@@ -4,6 +4,8 @@ Batches split over ("data", "fsdp"); parameters are fully sharded over "fsdp" (Z
 Megatron-split over "tensor": column-parallel for q/k/v/gate/up, row-parallel for o/down, the
 vocabulary for the embedding and head. Axes use Auto sharding so XLA propagates shardings through
 reshapes (a head split that does not divide evenly still compiles) and inserts the collectives.
+The sampler decodes with its own layout (`decode_param_shardings`: whole over "fsdp"), gathered once
+per generate call, so the decode loop does not gather weights at every token.
 """
 from __future__ import annotations
 
@@ -72,6 +74,22 @@ def param_shardings(mesh: Mesh, state: Any) -> Any:
     """NamedSharding for every leaf of an nnx.State / pytree of arrays, by parameter name."""
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(mesh, param_spec(path, x.shape, mesh)), state)
+
+
+def decode_param_shardings(mesh: Mesh, state: Any) -> Any:
+    """The sampler's layout: each parameter whole over "fsdp" (replicated there), still split over
+    "tensor". Decoding one token per step under the training layout would all-gather every layer's
+    weights inside the decode loop at every token; in this layout the loop reads local weights."""
+    def spec(path, x):
+        return P(*(_without_fsdp(a) for a in param_spec(path, x.shape, mesh)))
+    return jax.tree_util.tree_map_with_path(lambda path, x: NamedSharding(mesh, spec(path, x)), state)
+
+
+def _without_fsdp(axes):
+    if axes is None or isinstance(axes, str):
+        return None if axes == "fsdp" else axes
+    kept = tuple(a for a in axes if a != "fsdp")
+    return kept or None
 
 
 def shard_state(mesh: Mesh, state: Any) -> Any:

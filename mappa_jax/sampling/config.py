@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 _DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_LAYOUTS = ("gathered", "sharded")
 
 
 def _check_buckets(name: str, buckets) -> tuple[int, ...]:
@@ -29,6 +30,11 @@ class SamplerConfig:
         blocks of this many queries and keys, so the prefill's attention memory grows with the
         prompt, not its square (a 24k-token prompt's dense scores need ~108 GiB per row for
         Qwen3-4B); 0 = always dense. Shorter prompts prefill dense (faster).
+    weight_layout: how the programs hold the weights on a mesh with fsdp > 1. "gathered": each
+        generate call first gathers them whole over "fsdp" (still split over "tensor"), a copy that
+        lives for that call, so the decode loop reads local weights; "sharded": the training layout
+        as passed, which costs no copy but makes XLA all-gather every layer's weights inside the
+        decode loop at every token. Same tokens either way.
     """
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -37,6 +43,7 @@ class SamplerConfig:
     cache_dtype: str | None = None
     pad_token_id: int = 0
     prefill_block_size: int = 1024
+    weight_layout: str = "gathered"
 
     def __post_init__(self):
         for name in ("batch_buckets", "prompt_buckets", "generation_buckets"):
@@ -45,6 +52,8 @@ class SamplerConfig:
             value = getattr(self, name)
             if value is not None and value not in _DTYPES:
                 raise ValueError(f"sampler.{name}={value!r} is not one of {_DTYPES} or None")
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"sampler.weight_layout={self.weight_layout!r} is not one of {WEIGHT_LAYOUTS}")
         if int(self.prefill_block_size) < 0:
             raise ValueError(f"sampler.prefill_block_size must be >= 0, got {self.prefill_block_size}")
 

@@ -85,6 +85,7 @@ class Sampler:
                 raise ValueError(f"sampler.batch_buckets {bad} are not multiples of the mesh's {shards} "
                                  f"data-parallel shards ({'x'.join(BATCH_AXES)})")
         self._programs: dict = {}
+        self._relayouts: dict = {}  # target shardings -> jitted copy into the sampler's weight layout
         self._token_bytes = None if token_pieces is None else tuple(token_pieces)
         self._no_stop_table = stop_table_arrays([], cfg.vocab_size)
 
@@ -115,11 +116,41 @@ class Sampler:
             return jax.device_put(x)
         return jax.device_put(x, NamedSharding(self.mesh, P()))
 
-    def _put_params(self, state):
+    def weight_shardings(self, state):
+        """The shardings prefill and decode take `state` (params, or a LoRA state) in, by
+        sampler.weight_layout: "gathered" = whole over "fsdp", split over "tensor"
+        (`parallel.decode_param_shardings`); "sharded" = the training layout. None without a mesh."""
+        if self.mesh is None:
+            return None
+        from mappa_jax.parallel import decode_param_shardings, param_shardings
+        layout = decode_param_shardings if self.config.weight_layout == "gathered" else param_shardings
+        return layout(self.mesh, state)
+
+    @property
+    def copies_weights(self) -> bool:
+        """Whether generate holds its own gathered copy of the weights for the call (the memory
+        check counts it as the rollout's `sampler_weights`)."""
+        return self.mesh is not None and self.config.weight_layout == "gathered" and self.mesh.shape["fsdp"] > 1
+
+    def place_weights(self, state):
+        """`state` in the sampler's weight layout. Leaves already there are kept; the others move in
+        one jitted copy (every host runs it, as multi-controller JAX needs), so an FSDP-sharded
+        policy is gathered once per generate call instead of per layer at every decoded token."""
         if self.mesh is None or state is None:
             return state
-        from mappa_jax.parallel import param_shardings
-        return jax.device_put(state, param_shardings(self.mesh, state))
+        leaves, treedef = jax.tree.flatten(state)
+        targets = treedef.flatten_up_to(self.weight_shardings(state))
+        moving = [i for i, (x, target) in enumerate(zip(leaves, targets))
+                  if not (isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim))]
+        if not moving:
+            return state
+        key = tuple(targets[i] for i in moving)
+        if key not in self._relayouts:
+            self._relayouts[key] = jax.jit(lambda *xs: xs, out_shardings=key)
+        moved = self._relayouts[key](*(leaves[i] for i in moving))
+        for i, x in zip(moving, moved):
+            leaves[i] = x
+        return jax.tree.unflatten(treedef, leaves)
 
     # ---- stop handling --------------------------------------------------------------------------
     def _stop_tables(self, stop_strings):
@@ -138,8 +169,9 @@ class Sampler:
                  lora=None) -> SampleOutput:
         """Samples n continuations of every prompt (lists of token ids).
 
-        params: the decoder's nnx.State (or the Decoder itself); on a mesh, pass it already placed
-        with `mappa_jax.parallel.shard_state` (else it is re-placed every call). lora: LoraAdapters,
+        params: the decoder's nnx.State (or the Decoder itself); on a mesh, pass it placed with
+        `mappa_jax.parallel.shard_state` (else it is moved there first, every call); with
+        sampler.weight_layout "gathered" and fsdp > 1 each call gathers a copy (`place_weights`). lora: LoraAdapters,
         or its nnx.split (graphdef, state), or None for the base model (= the reference policy). temperature 0 is greedy; top_k <= 0 / top_p >= 1 disable those
         filters. stop_token_ids defaults to the model's EOS ids; stop_strings are strings or tuples
         of strings matched in order (see `mappa_jax.sampling.stops`). Same seed, same tokens.
@@ -172,7 +204,7 @@ class Sampler:
             raise ValueError("lora must be a LoraAdapters module or its (graphdef, state) pair from nnx.split "
                              "(the graph carries the targets and scale)")
         prefill, decode = self._programs_for(lora_graphdef)
-        params, lora_state = self._put_params(params), self._put_params(lora_state)
+        params, lora_state = self.place_weights(params), self.place_weights(lora_state)
 
         stop_ids = sorted(set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids))
         stop_id_array = np.full((max(4, 1 << (len(stop_ids) - 1).bit_length()),), -1, np.int32)
