@@ -22,7 +22,9 @@ def get_config():
         agent.max_new_tokens = 16384
     c.topology.max_prompt_tokens = 24576
     c.sampler.generation_buckets = (16384,)
-    c.sampler.batch_buckets = (16, 32)  # larger calls are split: 32 rows of 40k-token KV cache per call
+    # Larger calls are split: 16 rows of 40k-token KV cache per call (32 rows with float32 master
+    # weights would need ~74 GiB per device on 8 x 80 GiB by the memory check; 16 rows: ~55 GiB).
+    c.sampler.batch_buckets = (16,)
 
     c.data.train = {"source": "dsbench", "tasks_root": "data/dsbench/train", "answers_root": "data/dsbench/answers"}
     c.data.eval = {"source": "dsbench", "tasks_root": "data/dsbench/heldout", "answers_root": "data/dsbench/answers"}
