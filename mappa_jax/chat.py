@@ -6,6 +6,7 @@ import time
 
 from absl import app, flags
 
+from mappa_jax import compile_cache
 from mappa_jax.models import hub, weights
 from mappa_jax.sampling import Sampler, SamplerConfig
 
@@ -14,6 +15,8 @@ _PROMPT = flags.DEFINE_string("prompt", None, "one message to answer, then exit 
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "tokens per reply")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "auto", 'persistent XLA compilation cache: "auto" (the user cache), "" (off) or a directory')
 
 
 def load(source: str | None):
@@ -28,6 +31,7 @@ def load(source: str | None):
 
 def main(argv):
     del argv
+    compile_cache.enable(_COMPILATION_CACHE.value)  # the second chat session starts without compiling
     cfg, state, tokenizer = load(_MODEL.value)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.eos_token_ids[0]
     sampler = Sampler(cfg, SamplerConfig(pad_token_id=pad), tokenizer=tokenizer)

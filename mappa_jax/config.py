@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0                      # one seed for sampling, LoRA init, data order and coach jitter
     c.workdir = "runs/mappa"        # checkpoints, metrics.jsonl, tensorboard/, curves.png, exports/
     c.run_name = ""                 # shown in W&B; "" = the workdir's name
+    # Persistent XLA compilation cache (mappa_jax/compile_cache.py), so a resumed or repeated run
+    # loads its compiled programs: "auto" = the user cache ($MAPPA_CACHE/xla, else
+    # ~/.cache/mappa_jax/xla), "workdir" = <workdir>/compilation_cache, "" = off, or a directory.
+    c.compilation_cache = "auto"
 
     # --- the agents' model --------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()

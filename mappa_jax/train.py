@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mappa_jax import parallel
+from mappa_jax import compile_cache, parallel
 from mappa_jax.checkpoint import RunCheckpointer, decode_bytes, encode_bytes
 from mappa_jax.coach import make_coach
 from mappa_jax.config import ConfigError, validate
@@ -130,6 +130,9 @@ class Trainer:
         _check_workdir(self.workdir)
         distributed.initialize(config)
         self.is_main = jax.process_index() == 0
+        # Before the first jit: programs compiled by an earlier run (or before a restart) are loaded.
+        cache = compile_cache.enable(config.compilation_cache, config.workdir)
+        self._log(f"compilation cache: {cache or 'off'}")
         # Remote workdir: results are mirrored locally and copied up after each checkpoint.
         self.mirror = OutputMirror(self.workdir, config.workdir) if is_remote(config.workdir) and self.is_main else None
         if self.mirror:
@@ -433,6 +436,7 @@ class Trainer:
             final_eval = self.evaluate()
         self._log("before training: " + _summary(self.baseline_eval))
         self._log("after training:  " + _summary(final_eval))
+        self._log(f"compilation: {compile_cache.stats().describe()}")
         self.check_hosts_agree()
         if self.is_main:
             self._write_outputs(final_eval)
