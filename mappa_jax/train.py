@@ -166,6 +166,10 @@ class Trainer:
         # The same constructors build the run's plan (mappa_jax/plan.py), which mappa-compile compiles.
         self.updater = run_plan.build_updater(config, self.model_cfg, self.topology, self.mesh)
         self.rl_cfg, self.lora_graphdef = self.updater.cfg, self.updater.lora_graphdef
+        if self.model_cfg.param_dtype != "float32":
+            self._log(f"precision warning: model.param_dtype={self.model_cfg.param_dtype} keeps the trained weights "
+                      f"and AdamW moments in {self.model_cfg.param_dtype}; at rl.learning_rate={self.rl_cfg.learning_rate} "
+                      "most updates are below half a step of the weight and round away (float32 keeps them)")
         self._build_policies()
         sc = config.sampler
         pad = self.tokenizer.pad_token_id

@@ -251,3 +251,21 @@ def test_trainer_samples_from_the_compute_copy_and_exports_the_export_dtype(tmp_
             assert {f.get_tensor(k).dtype for k in f.keys()} == {jnp.dtype(jnp.bfloat16)}
     finally:
         trainer.close()
+
+
+def test_lora_trains_float32_adapters_over_a_bf16_base(master):
+    cfg = model_cfg("mixed")
+    lora_graphdef, adapters = nnx.split(LoraAdapters(cfg, 4, 8.0, rngs=nnx.Rngs(1)))
+    updater = PolicyUpdater(abstract_model(cfg)[0], RL, make_mesh(), lora_graphdef=lora_graphdef)
+    base = updater.place_params(compute_copy(master, jnp.bfloat16))  # as Trainer loads it (frozen)
+    base_before = floats(base)
+    policy = updater.new_lora_agent(base, adapters)
+    prepared, _ = prepare_experiences(updater, {"a": policy}, {
+        "a": build_experience(samples(), length_buckets=LENGTHS, batch_buckets=ROWS)})
+    new, _ = updater.update(policy, prepared["a"])
+    assert {x.dtype for x in jax.tree.leaves(new.state.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(new.state.opt_state) if x.ndim > 0} == {jnp.dtype(jnp.float32)}
+    b = {n: v for n, v in floats(new.state.params).items() if "_b'" in n}
+    assert b and all(np.abs(v).max() == pytest.approx(1e-6, rel=0.05) for v in b.values())  # one lr-sized step from 0
+    after = floats(base)
+    assert all(np.array_equal(after[n], base_before[n]) for n in after)  # the shared base is frozen
