@@ -3,8 +3,10 @@
 The Gemini cases go through google-genai's real async client (base_url pointed at the fake).
 """
 import asyncio
+import gc
 import glob
 import uuid
+import warnings
 
 import pytest
 
@@ -147,6 +149,35 @@ def test_gemini_request_shape(server, keys):
     assert config["temperature"] == 0.0 and config["responseMimeType"] == "application/json"
     assert config["responseJsonSchema"]["properties"]["score"]["maximum"] == 10
     assert "systemInstruction" in call["body"]
+
+
+def test_consecutive_gemini_rollouts_each_in_a_fresh_event_loop(server, keys):
+    """As train.py runs them: each rollout under its own asyncio.run, the coach never closed in
+    between. Every loop gets a working client of its own, closed inside that loop (no socket left
+    open), and rate limiters whose lock was contended in one loop work in the next."""
+    tag = uuid.uuid4().hex[:8]
+    # A 5-request burst refilled at 10/s: the 6th of 10 requests submitted at once sleeps holding
+    # the limiter's lock and the others queue on it.
+    client = make_coach(_config(server, "gemini", rpm=600.0, rate_burst_s=0.5))
+    waited = [0.0]
+
+    async def rollout(i):
+        futures = [client.submit(_request(f"[[score:{(i + k) % 10}]] {tag}-{i}-{k}")) for k in range(10)]
+        return await asyncio.gather(*futures)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for i in range(2):
+            verdicts = asyncio.run(rollout(i))
+            assert [(v.status, v.score) for v in verdicts] == [("ok", float((i + k) % 10)) for k in range(10)]
+            waited.append(client.metrics()["rate_limit_wait_s"])
+            assert waited[-1] > waited[-2]  # this rollout waited on the limiter
+            gc.collect()
+        asyncio.run(client.aclose())
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks
+    assert client.backend.clients_created == 2
 
 
 @pytest.mark.parametrize("flavour", ["openai_json", "gemini"])

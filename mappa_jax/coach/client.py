@@ -191,14 +191,14 @@ class CoachClient:
 
     async def _call(self, prompt: Prompt) -> RawResult:
         estimate = sum(len(t) for _, t in prompt.turns) // 4 + len(prompt.system) // 4 + self.max_output_tokens
-        await self._rpm.acquire(1)
-        await self._tpm.acquire(estimate)
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # asyncio primitives belong to one loop; a new asyncio.run rebinds
-            self._loop = loop
+            self._loop = loop       # (before the rate limiters' locks are first taken in this loop)
             self._semaphore = asyncio.Semaphore(self.concurrency)
             self._rpm.rebind()
             self._tpm.rebind()
+        await self._rpm.acquire(1)
+        await self._tpm.acquire(estimate)
         if not self._prepared:  # SDK imports and client setup must not eat the first call's timeout
             self.backend.prepare()
             self._prepared = True
