@@ -42,6 +42,8 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "accelerate>=1.0", "nbformat>=5.10",
                  "scipy>=1.11"],
         "wandb": ["wandb>=0.18"],
+        # libtpu (about 700 MB): lets `mappa-compile` compile a run for a TPU slice on any machine.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={
         "console_scripts": [
@@ -50,6 +52,7 @@ setup(
             "mappa-chat=mappa_jax.chat:run",
             "mappa-plot=mappa_jax.plots:run",
             "mappa-data=mappa_jax.data_cli:run",
+            "mappa-compile=mappa_jax.compile:run",
         ]
     },
 )

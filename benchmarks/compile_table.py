@@ -1,0 +1,124 @@
+"""The README's paper-run memory table: `mappa-compile` on each paper config for TPU v5e-8 and
+v5p-8, XLA's per-device figures per program beside the memory estimator's.
+
+    python benchmarks/compile_table.py --out docs/paper_compile_table.md --work runs/compile_table
+
+Each (config, target) compiles in its own process (the target fixes JAX's platform at start-up) and
+writes its reports as JSON under --work; the markdown is rebuilt from every JSON there, so an
+interrupted run keeps what finished (rerun with --render to rebuild only). Needs the `tpu` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+GiB = 1024 ** 3
+CONFIGS = ("configs/mathchat_qwen3_4b.py", "configs/mathchat_r1_distill_1p5b.py", "configs/datascience_qwen3_4b.py")
+# Per target, the mesh the paper configs need there: rl.micro_batch_size (4) must be a multiple of
+# data x fsdp, so v5e-8's 8 chips split 4-way over fsdp and 2-way over tensor.
+TARGETS = {"v5p-8": (), "v5e-8": ("--config.mesh.fsdp=4", "--config.mesh.tensor=2")}
+
+
+def _name(config: str, target: str) -> str:
+    return f"{pathlib.Path(config).stem}__{target}"
+
+
+def compile_all(work: pathlib.Path, configs, targets) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    for config in configs:
+        for target in targets:
+            out = work / f"{_name(config, target)}.json"
+            if out.exists():
+                continue
+            cmd = [sys.executable, "-m", "mappa_jax.compile", f"--config={config}", f"--target={target}",
+                   *TARGETS[target], f"--json={out}"]
+            print("$", " ".join(cmd), flush=True)
+            start = time.perf_counter()
+            with open(work / f"{_name(config, target)}.log", "w") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            wall = time.perf_counter() - start
+            print(f"  rc {rc}, {wall:.0f} s", flush=True)
+            if out.exists():
+                data = json.loads(out.read_text())
+                data.update(config=config, overrides=list(TARGETS[target]), wall_s=wall, rc=rc)
+                out.write_text(json.dumps(data, indent=1))
+
+
+def _gib(n) -> str:
+    return f"{n / GiB:.1f}"
+
+
+def _why(program: dict) -> str:
+    """Why the estimator and XLA differ by more than 15 % on a row (what each counts)."""
+    name = program["name"]
+    if program["error"]:
+        return "XLA refused it: out of HBM"
+    if name.startswith("decode"):
+        return "XLA keeps the decode loop's per-step buffers the estimator leaves out"
+    if name.startswith("prefill"):
+        return "prefill temporaries: XLA fuses or keeps layer buffers differently from the estimate"
+    if name.startswith("logprobs"):
+        return "the estimator has no forward-only term: it counts resident state + logits"
+    return "activation estimate"
+
+
+def render(work: pathlib.Path) -> str:
+    rows = ["| config | target (mesh) | program | XLA: args / temp / out - alias | XLA per device, with resident state "
+            "| estimator | est. vs XLA | fits | compile s | note |", "|" + "---|" * 10]
+    walls, missing = [], []
+    for path in sorted(work.glob("*.json")):
+        data = json.loads(path.read_text())
+        config = path.stem.split("__")[0]
+        mesh = "x".join(str(data["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+        target = f"{data['target']} (data x fsdp x tensor = {mesh})"
+        memory = data.get("device_memory") or 0
+        done = {p["name"] for p in data["programs"]}
+        left = [n for n in data.get("planned", []) if n not in done]
+        if "wall_s" in data:
+            walls.append(f"{config} on {data['target']}: {data['wall_s']:.0f} s")
+        if left:
+            missing.append(f"{config} on {data['target']}: {', '.join(left)}")
+        for p in data["programs"]:
+            if p["error"] and not p["temporaries"] and p["needed"]:  # an older report: needed held the temporaries
+                p["temporaries"], p["needed"] = p["needed"], p["needed"] + data["resident"]
+            diff = (p["estimate"] - p["needed"]) / p["needed"] if p["needed"] else 0.0
+            note = "" if abs(diff) <= 0.15 and not p["error"] else _why(p)
+            xla = f"refused: temp {_gib(p['temporaries'])}" if p["error"] else \
+                f"{_gib(p['arguments'])} / {_gib(p['temporaries'])} / {_gib(p['outputs'])} - {_gib(p['aliases'])}"
+            needed = (">= " if p["error"] else "") + _gib(p["needed"]) if p["needed"] else "-"
+            fits = {True: "yes", False: "**no**", None: "?"}[p["fits"]]
+            rows.append(f"| {config} | {target} | {p['name']} | {xla} | "
+                        f"{needed} | {_gib(p['estimate'])} | "
+                        f"{diff:+.0%} | {fits} ({_gib(memory)}) | {p['compile_s']:.0f} | {note} |")
+    header = ("GiB per device. XLA's figures are `compiled.memory_analysis()` of each program compiled by "
+              "`mappa-compile` for the target (libtpu's topology description, on a CPU-only machine); "
+              "\"with resident state\" adds the run's other resident state (every policy's weights, optimizer "
+              "state and reference) that the program does not take as arguments. The estimator is "
+              "`mappa_jax/parallel/memory_check.py` (resident + that program's term). Whole-run compile "
+              "wall times on 2 shared CPU cores (each program's own time is in its row): "
+              + ("; ".join(walls) or "none finished") + ".")
+    footer = ("\n\nNot compiled yet (the compiles ran out of time): " + "; ".join(missing) + ".\n") if missing else ""
+    return header + "\n\n" + "\n".join(rows) + "\n" + footer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/paper_compile_table.md")
+    parser.add_argument("--work", default="runs/compile_table")
+    parser.add_argument("--render", action="store_true", help="only rebuild the markdown from --work")
+    parser.add_argument("--configs", nargs="*", default=CONFIGS)
+    parser.add_argument("--targets", nargs="*", default=tuple(TARGETS))
+    args = parser.parse_args()
+    work = pathlib.Path(args.work)
+    if not args.render:
+        compile_all(work, args.configs, args.targets)
+    pathlib.Path(args.out).write_text(render(work))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
