@@ -146,6 +146,7 @@ class Program:
     resident_arg_bytes: int
     shapes: str                # the shape bucket in words
     estimate: int = 0          # the memory estimator's per-device bytes for it (memory_check)
+    rows: int = 0              # sampler programs: the batch bucket
 
     def lower(self):
         return self.fn.lower(*self.args, **self.kwargs)
@@ -286,7 +287,7 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
         sampler_copy = rollout.terms.get("sampler_weights", 0)
         programs.append(Program(f"prefill b{b}", "prefill", prefill, prefill_args, kwargs, sampler_resident,
                                 f"{b} rows x {prompt_len} prompt tokens, +{new_tokens} cache slots",
-                                rollout.resident + rollout.terms["prefill"] + sampler_copy))
+                                rollout.resident + rollout.terms["prefill"] + sampler_copy, rows=b))
         cache, logits = jax.eval_shape(functools.partial(prefill, **kwargs), *prefill_args)
         cache = KVCache(*(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding) for c in (cache.k, cache.v)))
         logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=parallel.batch_sharding(mesh, 2))
@@ -294,5 +295,5 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
                        batch((b,), jnp.bool_), batch((b,), jnp.int32), *scalars, *shared)
         programs.append(Program(f"decode b{b}", "decode", decode, decode_args, {}, sampler_resident,
                                 f"{b} rows, {new_tokens} new tokens after {prompt_len}",
-                                rollout.resident + rollout.terms["kv_cache"] + sampler_copy))
+                                rollout.resident + rollout.terms["kv_cache"] + sampler_copy, rows=b))
     return RunPlan(config, model_cfg, mesh, sampler, updater, policies, programs, resident, work, estimate)
