@@ -140,16 +140,17 @@ class Sampler:
             return state
         leaves, treedef = jax.tree.flatten(state)
         targets = treedef.flatten_up_to(self.weight_shardings(state))
+        for i, x in enumerate(leaves):  # host arrays: placed straight into the layout
+            if not isinstance(x, jax.Array):
+                leaves[i] = jax.device_put(x, targets[i])
         moving = [i for i, (x, target) in enumerate(zip(leaves, targets))
-                  if not (isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim))]
-        if not moving:
-            return state
-        key = tuple(targets[i] for i in moving)
-        if key not in self._relayouts:
-            self._relayouts[key] = jax.jit(lambda *xs: xs, out_shardings=key)
-        moved = self._relayouts[key](*(leaves[i] for i in moving))
-        for i, x in zip(moving, moved):
-            leaves[i] = x
+                  if not x.sharding.is_equivalent_to(target, x.ndim)]
+        if moving:
+            key = tuple(targets[i] for i in moving)
+            if key not in self._relayouts:
+                self._relayouts[key] = jax.jit(lambda *xs: xs, out_shardings=key)
+            for i, x in zip(moving, self._relayouts[key](*(leaves[i] for i in moving))):
+                leaves[i] = x
         return jax.tree.unflatten(treedef, leaves)
 
     # ---- stop handling --------------------------------------------------------------------------
