@@ -66,6 +66,23 @@ def _why(program: dict) -> str:
     return "activation estimate"
 
 
+def _estimates(config: str, data: dict) -> dict[str, int]:
+    """The estimator's figure per program, recomputed by the current code (plan_run on the target's
+    devices), so an estimator change shows without compiling again."""
+    import os
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from mappa_jax.compile import target_devices
+    from mappa_jax.config import config_from_file
+    from mappa_jax.plan import plan_run
+    cfg = config_from_file(config)
+    for flag in data.get("overrides", TARGETS.get(data["target"], ())):
+        key, value = flag.removeprefix("--config.").split("=")
+        section, name = key.split(".")
+        cfg[section][name] = type(cfg[section][name])(value)
+    return {p.name: p.estimate for p in plan_run(cfg, target_devices(data["target"])).programs}
+
+
 def render(work: pathlib.Path) -> str:
     rows = ["| config | target (mesh) | program | XLA: args / temp / out - alias | XLA per device, with resident state "
             "| estimator | est. vs XLA | fits | compile s | note |", "|" + "---|" * 10]
@@ -82,7 +99,9 @@ def render(work: pathlib.Path) -> str:
             walls.append(f"{config} on {data['target']}: {data['wall_s']:.0f} s")
         if left:
             missing.append(f"{config} on {data['target']}: {', '.join(left)}")
+        estimates = _estimates(f"configs/{config}.py", data)
         for p in data["programs"]:
+            p["estimate"] = estimates[p["name"]]
             if p["error"] and not p["temporaries"] and p["needed"]:  # an older report: needed held the temporaries
                 p["temporaries"], p["needed"] = p["needed"], p["needed"] + data["resident"]
             diff = (p["estimate"] - p["needed"]) / p["needed"] if p["needed"] else 0.0

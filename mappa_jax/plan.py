@@ -287,7 +287,7 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
         sampler_copy = rollout.terms.get("sampler_weights", 0)
         programs.append(Program(f"prefill b{b}", "prefill", prefill, prefill_args, kwargs, sampler_resident,
                                 f"{b} rows x {prompt_len} prompt tokens, +{new_tokens} cache slots",
-                                rollout.resident + rollout.terms["prefill"] + sampler_copy, rows=b))
+                                rollout.resident + rollout.rollout, rows=b))
         cache, logits = jax.eval_shape(functools.partial(prefill, **kwargs), *prefill_args)
         cache = KVCache(*(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding) for c in (cache.k, cache.v)))
         logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=parallel.batch_sharding(mesh, 2))
