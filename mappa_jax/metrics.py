@@ -98,3 +98,81 @@ def _fmt(seconds: float) -> str:
         return "?"
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+# ---- where a run's wall time went ----------------------------------------------------------------
+_COMPILE_EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
+                   "/jax/core/compile/jaxpr_trace_duration": "trace",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
+
+
+class CompileLog:
+    """Seconds jax spent making programs in this process (tracing, lowering, XLA compile or cache
+    load), in total and per program name, from jax.monitoring's duration events. jax offers no way
+    to unregister a listener, so `close` only stops the counting."""
+
+    def __init__(self):
+        import threading
+        import jax
+        self._lock = threading.Lock()
+        self.total_s = 0.0
+        self.per_program: dict[str, list] = {}  # name -> [XLA compiles, seconds of all three kinds]
+        self._open = True
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+
+    def _on_duration(self, event: str, duration_secs: float, **kwargs) -> None:
+        kind = _COMPILE_EVENTS.get(event)
+        if kind is None or not self._open:
+            return
+        name = str(kwargs.get("fun_name", "?"))  # tracing names the function, lowering "jit(name)"
+        name = name[4:-1] if name.startswith("jit(") and name.endswith(")") else name
+        with self._lock:
+            self.total_s += duration_secs
+            entry = self.per_program.setdefault(name, [0, 0.0])
+            entry[0] += kind == "compile"
+            entry[1] += duration_secs
+
+    def close(self) -> None:
+        self._open = False
+
+    def top(self, n: int = 6) -> str:
+        with self._lock:
+            ranked = sorted(self.per_program.items(), key=lambda kv: -kv[1][1])
+        return ", ".join(f"{name} {s:.0f} s ({count}x)" for name, (count, s) in ranked[:n] if s >= 0.5)
+
+
+class TimeSplit:
+    """A run's wall time split into compilation (jax tracing + XLA compiling, wherever it happened),
+    sampling, sandbox (code runs while nothing was sampled), coach wait (verdicts still pending
+    after a rollout), update and the rest (model load, rollout bookkeeping, checkpoints, export).
+    Phases are measured around the loop's calls; compile seconds spent inside a phase are moved out
+    of it, so the parts add up to the wall time."""
+
+    PHASES = ("compilation", "sampling", "sandbox", "coach wait", "update", "other")
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.compiles = CompileLog()
+        self.seconds = {phase: 0.0 for phase in self.PHASES[1:-1]}
+
+    def compile_s(self) -> float:
+        return self.compiles.total_s
+
+    def add(self, phase: str, seconds: float, compile_s: float = 0.0) -> None:
+        """seconds of wall time in `phase`, of which compile_s were compiling."""
+        if phase not in self.seconds:
+            raise KeyError(f"unknown phase {phase!r}; one of {self.PHASES[1:-1]}")
+        self.seconds[phase] += max(0.0, seconds - compile_s)
+
+    def split(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.start
+        parts = {"compilation": self.compile_s(), **self.seconds}
+        parts["other"] = max(0.0, wall - sum(parts.values()))
+        return {"wall": wall, **parts}
+
+    def describe(self) -> str:
+        parts = self.split()
+        wall = parts.pop("wall")
+        body = ", ".join(f"{phase} {_fmt(s)} ({100 * s / max(wall, 1e-9):.0f} %)" for phase, s in parts.items())
+        programs = self.compiles.top()
+        return f"{_fmt(wall)} wall: {body}" + (f"\ncompiled programs (most costly): {programs}" if programs else "")

@@ -31,7 +31,7 @@ from mappa_jax.config import ConfigError, validate
 from mappa_jax.data import (SELECTION_FILE, TaskPipeline, builder_from_spec, check_no_overlap, task_source,
                             write_data_selection)
 from mappa_jax.eval import grade_math, score_submission
-from mappa_jax.metrics import MetricsWriter, Progress
+from mappa_jax.metrics import MetricsWriter, Progress, TimeSplit
 from mappa_jax.models import hub, weights
 from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.decoder import Decoder, compute_copy
@@ -125,6 +125,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict):
         validate(config)
         self.config = config
+        self.time_split = TimeSplit()  # printed at the end of train(): where the wall time went
         self.workdir = local_workdir(config.workdir)
         self.checkpoint_dir = epath.Path(config.workdir) / "checkpoints"  # gs:// stays gs://
         _check_workdir(self.workdir)
@@ -283,8 +284,13 @@ class Trainer:
             verdicts = await handoff.verdicts()
             return result, verdicts, rollout_s, time.perf_counter() - start - rollout_s
 
+        compiled_before = self.time_split.compile_s()
         result, verdicts, rollout_s, coach_wait_s = asyncio.run(run())
         timing = {"time/rollout_s": rollout_s, "time/coach_wait_s": coach_wait_s}
+        t = result.timings  # programs compile inside generate calls: counted as compilation
+        self.time_split.add("sampling", t.sampling_s, self.time_split.compile_s() - compiled_before)
+        self.time_split.add("sandbox", t.tool_s - t.overlap_s)
+        self.time_split.add("coach wait", coach_wait_s)
         if hosts == 1:
             return result, verdicts, None, timing
         try:
@@ -383,12 +389,13 @@ class Trainer:
             rows, batch_buckets=run_plan.update_batch_buckets(tb), batch_multiple=tb, pad_id=pad,
             padding_side="split", prompt_buckets=tuple(c.sampler.prompt_buckets),
             generation_buckets=tuple(c.sampler.generation_buckets)) for name, rows in samples.items()}
-        t_update = time.perf_counter()
+        t_update, compiled_before = time.perf_counter(), self.time_split.compile_s()
         self.policies, rl_metrics = train_step(self.updater, self.policies, experiences)
         rl_metrics = {f"rl/{k}": float(v) for k, v in jax.device_get(rl_metrics).items()}
         self._refresh_sampler_weights()
         result.remove_workspaces()
         update_s = time.perf_counter() - t_update
+        self.time_split.add("update", update_s, self.time_split.compile_s() - compiled_before)
         counts = {f"actions/{name}/{k}": v for name, rows in samples.items() for k, v in sample_counts(rows).items()}
         coach = {f"coach/{k}": v for k, v in self.coach_metrics().items()}
         self.step += 1
@@ -440,6 +447,7 @@ class Trainer:
             final_eval = self.evaluate()
         self._log("before training: " + _summary(self.baseline_eval))
         self._log("after training:  " + _summary(final_eval))
+        self._log("time: " + self.time_split.describe())
         self._log(f"compilation: {compile_cache.stats().describe()}")
         self.check_hosts_agree()
         if self.is_main:
