@@ -59,7 +59,8 @@ class TargetError(ValueError):
 
 
 def known_targets() -> list[str]:
-    return sorted(TPU_TARGETS) + ["cpu:N"]
+    by_size = lambda name: (name.split("-")[0], int(name.split("-")[1]))
+    return sorted(TPU_TARGETS, key=by_size) + ["cpu:N"]
 
 
 def _cpu_count(target: str) -> int | None:
