@@ -247,7 +247,8 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
     seq = f"{rows} x {prompt_len}+{new_tokens} tokens"
     programs: list[Program] = []
     trainer_args = (frozen, lora, exp) if updater.uses_lora else (params, None, exp)
-    logprob_estimate = estimate.resident + estimate.terms["logits"]
+    # Forward only: one layer's activations and the float32 logits of one chunk (no gradient).
+    logprob_estimate = estimate.resident + estimate.terms["forward"] + estimate.terms["logits"] // 2
     programs.append(Program("logprobs (trainer)", "logprobs", updater.logprobs_fn(*trainer_args), trainer_args, {},
                             device_bytes(trainer_args[:2]), seq, logprob_estimate))
     reference_args = (reference, None, exp)

@@ -231,6 +231,9 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
     # Blockwise attention's backward pass holds one key block's float32 probs, dprobs and dscores.
     block = b * cfg.num_heads * seq * min(work.attention_block, seq) * 4 * 3 / heads_t
     activations = int(saved + 2 * tokens * h * dt + (block if work.flash_attention else 0))
+    # Forward only (the trainer's and the reference's logprobs, no gradient): one layer's activations
+    # at a time next to the residual stream in and out.
+    forward = int(per_layer + 2 * tokens * h * dt)
     # Float32 logits and their gradient (XLA fuses log-softmax and softmax into them), only for the
     # generation window, one chunk at a time (chunks are recomputed in the backward pass).
     live = min(work.train_generated_len or seq, work.logits_chunk)
@@ -257,7 +260,7 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
 
     terms = {"weights": weights, "reference": reference, "adapters": adapters, "optimizer": optimizer,
              "compute_copies": compute_copies, "gradients": gradients, "activations": activations, "logits": logits,
-             "kv_cache": kv_cache, "prefill": prefill, "sampler_weights": sampler_weights}
+             "kv_cache": kv_cache, "prefill": prefill, "sampler_weights": sampler_weights, "forward": forward}
     return MemoryEstimate(sizes, work.lora_rank, terms, sampler_weight_layout=work.sampler_weight_layout)
 
 
