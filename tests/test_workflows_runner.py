@@ -404,3 +404,25 @@ def test_two_hosts_share_each_code_run_of_its_owner(tokenizer, sandbox, tmp_path
     assert [("draw.txt" in files) for *_, files in host0] == [False, True, True, True] * 4
     runs, (host0, host1) = run_two_hosts([None, None], "independent")
     assert runs == 8 and host0 != host1  # each host ran the code itself: the draws differ
+
+
+def test_worked_example_turns_come_between_system_message_and_task(tokenizer, tmp_path):
+    """An agent's `examples` are rendered as earlier user/assistant turns: the prompt ids are the
+    tokenizer's own rendering of [system, example user, example reply, task]."""
+    task = arithmetic_tasks(1, seed=2)[0]
+    config = mathchat_config()
+    config.order = ("problem_solver",)
+    del config.agents["code_executor"], config.agents["verifier"]
+    config.answer_agent = "problem_solver"
+    config.agents.problem_solver.examples = (("What is 3 + 4?", "\\boxed{7}"),)
+    topo = topology_from_config(config)
+    policy = ScriptedPolicy(tokenizer, {"problem_solver": [f"\\boxed{{{task.answer}}}"]})
+    runner = EpisodeRunner(topo, policy, ChatFormat(tokenizer), workspace_root=tmp_path)
+    result = asyncio.run(runner.run([task], seed=0))
+    action = result.episodes[0].actions[0]
+    spec = topo.agent("problem_solver")
+    expected = [{"role": "system", "content": spec.instructions}, {"role": "user", "content": "What is 3 + 4?"},
+                {"role": "assistant", "content": "\\boxed{7}"}, {"role": "user", "content": task.prompt}]
+    assert list(action.messages) == expected
+    assert list(action.prompt_ids) == _reference_ids(tokenizer, expected)
+    assert [list(p) for p in policy.calls[0].prompts] == [list(action.prompt_ids)]

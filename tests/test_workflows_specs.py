@@ -66,6 +66,9 @@ def test_unknown_topology_key_is_named():
     ("agents.analyst.temperature", -0.5, "topology.agents.analyst.temperature must be >= 0"),
     ("agents.analyst.stop_strings", "```", "topology.agents.analyst.stop_strings must be a list"),
     ("agents.modeler.policy", "  ", "topology.agents.modeler.policy must be a non-empty string"),
+    ("agents.verifier.examples", "\\boxed{7}", "topology.agents.verifier.examples must be a list of (user"),
+    ("agents.verifier.examples", [("What is 3 + 4?",)], "topology.agents.verifier.examples[0] must be a (user"),
+    ("agents.verifier.examples", [("What is 3 + 4?", " ")], "examples[0] must be a (user message, assistant"),
     ("submission_file", "out/sub.csv", "submission_file must be a plain file name"),
     ("tool_output_role", "system", "tool_output_role must be 'user' or 'tool'"),
 ])

@@ -232,8 +232,10 @@ class EpisodeRunner:
         episode.agent_active = False
 
     def _start_agent(self, episode: _Episode, spec: AgentSpec) -> None:
-        messages = [{"role": "system", "content": spec.instructions},
-                    {"role": "user", "content": self._context(episode, spec)}]
+        messages = [{"role": "system", "content": spec.instructions}]
+        for user, reply in spec.examples:  # worked turns, as if answered before
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        messages.append({"role": "user", "content": self._context(episode, spec)})
         episode.prompt_ids, _ = self.chat.first_prompt(messages)
         episode.messages = messages
         episode.starts_in_reasoning = self.chat.opens_reasoning(messages)

@@ -34,7 +34,10 @@ class AgentSpec:
     role must leave in the workspace (shown to the coach, checked by the harness). stop_strings:
     each a string, or a tuple of strings that must appear in that order (("```python", "```")
     stops where a Python block closes, not at its opening backticks), as mappa_jax.sampling takes;
-    for reasoning models the runner counts them only outside <think> ... </think>.
+    for reasoning models the runner counts them only outside <think> ... </think>. examples:
+    worked turns, each a (user message, assistant reply) pair, rendered as earlier chat turns
+    between the system message and the task (a small model copies a format it has seen answered
+    far more reliably than one it is told about).
     """
     name: str
     role: str
@@ -48,6 +51,7 @@ class AgentSpec:
     stop_strings: tuple[str | tuple[str, ...], ...] = ()
     temperature: float = 1.0
     expected_files: tuple[str, ...] = ()
+    examples: tuple[tuple[str, str], ...] = ()
 
     @property
     def uses_python(self) -> bool:
@@ -136,6 +140,17 @@ def _stop_patterns(where: str, value: Any) -> tuple[str | tuple[str, ...], ...]:
     return tuple(patterns)
 
 
+def _worked_turns(where: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TopologyConfigError(f"{where} must be a list of (user message, assistant reply) pairs, got {value!r}")
+    for i, pair in enumerate(value):
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(text, str) and text.strip() for text in pair)):
+            raise TopologyConfigError(f"{where}[{i}] must be a (user message, assistant reply) pair of "
+                                      f"non-empty strings, got {pair!r}")
+    return tuple((user, reply) for user, reply in value)
+
+
 def agent_from_config(name: str, cfg: Any, where: str = "agents") -> AgentSpec:
     """Validates one agent's config (keys, types, ranges) and builds its AgentSpec."""
     where = f"{where}.{name}"
@@ -168,6 +183,8 @@ def agent_from_config(name: str, cfg: Any, where: str = "agents") -> AgentSpec:
         values["stop_strings"] = _stop_patterns(f"{where}.stop_strings", values["stop_strings"])
     if "expected_files" in values:
         values["expected_files"] = _str_tuple(f"{where}.expected_files", values["expected_files"])
+    if "examples" in values:
+        values["examples"] = _worked_turns(f"{where}.examples", values["examples"])
     tools = values.get("tools", "none")
     if tools not in TOOLS:
         raise TopologyConfigError(f"{where}.tools must be one of {TOOLS}, got {tools!r}")
