@@ -501,6 +501,7 @@ class Trainer:
         self.checkpointer.close()
         self.metrics.close()
         self.policy.close()
+        self.time_split.compiles.close()  # jax keeps the listener; it stops counting
 
 
 _SUMMED_COACH_COUNTERS = ("requests", "ok", "fallbacks", "calls", "retries", "repairs", "cache_hits",
