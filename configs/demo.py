@@ -31,6 +31,9 @@ def get_config():
     agents.code_executor.instructions = ("Write one line of Python in a ```python code block that prints "
                                          "the answer.")
     agents.code_executor.examples = ((problem, "```python\nprint(10 - 3 * 2)\n```"),)
+    # It writes its program from the problem alone: shown the Problem Solver's reply, it copies that
+    # reply's (usually wrong) arithmetic into the code (held-out accuracy 0.042 then, 0.167 this way).
+    agents.code_executor.upstream_text = "none"
     agents.verifier.instructions = ("Reply with only the number the Code Executor's program printed, "
                                     "as \\boxed{N}.")
     agents.verifier.examples = ((problem + "\n\n# Work of the agents before you\n\n## Code Executor\n"
