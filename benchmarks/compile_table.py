@@ -123,6 +123,9 @@ def render(work: pathlib.Path) -> str:
               "`mappa_jax/parallel/memory_check.py` (resident + that program's term). Whole-run compile "
               "wall times on 2 shared CPU cores (each program's own time is in its row): "
               + ("; ".join(walls) or "none finished") + ".")
+    started = {path.stem for path in work.glob("*.json")}
+    missing += [f"{pathlib.Path(c).stem} on {t}: all programs" for c in CONFIGS for t in TARGETS
+                if _name(c, t) not in started]
     footer = ("\n\nNot compiled yet (the compiles ran out of time): " + "; ".join(missing) + ".\n") if missing else ""
     return header + "\n\n" + "\n".join(rows) + "\n" + footer
 
