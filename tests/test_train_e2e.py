@@ -333,7 +333,7 @@ def test_a_run_that_would_not_fit_stops_before_the_weights_load(monkeypatch, run
     from mappa_jax.parallel.memory_check import InsufficientMemoryError
     loaded = []
 
-    def load_model(model_config, seed, shardings_fn=None, before_weights=None):
+    def load_model(model_config, seed, shardings_fn=None, before_weights=None, frozen=False):
         before_weights(ModelConfig.tiny("llama", vocab_size=49152, num_layers=2, hidden_size=64, head_dim=16))
         loaded.append(True)
         raise RuntimeError("weights would load now")
