@@ -31,38 +31,25 @@ CONFIG_KEY = "compilation_cache"
 
 @dataclasses.dataclass(frozen=True)
 class CompileStats:
-    """XLA programs of this process since `enable`: loaded from the cache, compiled (cache misses,
-    written when the cache is on), and seconds spent in XLA's compile-or-load step and in tracing
-    and lowering (which run every time: the cache holds compiled programs, not traces)."""
+    """XLA programs of this process since `enable`: loaded from the cache (hits) and compiled
+    (misses, written to the cache). Where the time went is metrics.TimeSplit's job."""
     hits: int = 0
     misses: int = 0
-    backend_s: float = 0.0
-    trace_s: float = 0.0
 
     def describe(self) -> str:
-        return (f"{self.misses} XLA programs compiled, {self.hits} loaded from the compilation cache; "
-                f"{self.backend_s:.1f} s compiling/loading, {self.trace_s:.1f} s tracing and lowering")
+        return f"{self.misses} XLA programs compiled, {self.hits} loaded from the compilation cache"
 
 
 _lock = threading.Lock()
-_counts = {"hits": 0, "misses": 0, "backend_s": 0.0, "trace_s": 0.0}
+_counts = {"hits": 0, "misses": 0}
 _listening = False
-_TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
 
 
 def _on_event(event: str, **_) -> None:
-    key = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}.get(event)
-    if key:
+    if key := _EVENTS.get(event):
         with _lock:
             _counts[key] += 1
-
-
-def _on_duration(event: str, duration_secs: float, **_) -> None:
-    key = "backend_s" if event == "/jax/core/compile/backend_compile_duration" else (
-        "trace_s" if event in _TRACE_EVENTS else None)
-    if key:
-        with _lock:
-            _counts[key] += duration_secs
 
 
 def _listen() -> None:
@@ -72,7 +59,6 @@ def _listen() -> None:
             return
         _listening = True
     jax.monitoring.register_event_listener(_on_event)
-    jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
 def stats() -> CompileStats:
