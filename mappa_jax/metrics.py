@@ -135,10 +135,12 @@ class CompileLog:
     def close(self) -> None:
         self._open = False
 
-    def top(self, n: int = 6) -> str:
+    def top(self, n: int = 6, min_seconds: float = 0.5) -> str:
+        """The n programs that cost most to make; those under min_seconds are not worth a line."""
         with self._lock:
             ranked = sorted(self.per_program.items(), key=lambda kv: -kv[1][1])
-        return ", ".join(f"{name} {s:.0f} s ({count}x)" for name, (count, s) in ranked[:n] if s >= 0.5)
+        return ", ".join(f"{name} {s:.1f} s ({count}x)" for name, (count, s) in ranked[:n]
+                         if s >= min_seconds)
 
 
 class TimeSplit:
