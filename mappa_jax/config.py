@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0                      # one seed for sampling, LoRA init, data order and coach jitter
-    c.workdir = "runs/mappa"        # checkpoints, metrics.jsonl, tensorboard/, curves.png, exports/
+    c.workdir = "runs/mappa"  # checkpoints, metrics.jsonl, episodes.jsonl, tensorboard/, curves.png, exports/
     c.run_name = ""                 # shown in W&B; "" = the workdir's name
     # Persistent XLA compilation cache (mappa_jax/compile_cache.py), so a resumed or repeated run
     # loads its compiled programs: "auto" = the user cache ($MAPPA_CACHE/xla, else
@@ -156,6 +156,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.logging.tensorboard = True
     c.logging.wandb_project = ""    # "" = no W&B
     c.logging.progress = True
+    # Complete episodes (texts, code runs, verdicts) of each step and eval in episodes.jsonl; 0 = none.
+    c.logging.episodes_per_step = 2
     return c
 
 
@@ -222,6 +224,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key 'train.{key}' must be >= 1, got {config.train[key]!r}")
     if config.train.eval_every < 0:
         raise ConfigError(f"config key 'train.eval_every' must be >= 0, got {config.train.eval_every}")
+    if config.logging.episodes_per_step < 0:
+        raise ConfigError("config key 'logging.episodes_per_step' must be >= 0, "
+                          f"got {config.logging.episodes_per_step}")
     if config.reward.process_weight < 0 or config.reward.outcome_weight < 0 or (
             config.reward.process_weight + config.reward.outcome_weight == 0):
         raise ConfigError("config keys 'reward.process_weight' and 'reward.outcome_weight' must be >= 0 "

@@ -1,11 +1,14 @@
 """Where metrics go: JSONL (always), TensorBoard event files, and W&B when configured; plus a
-progress line with step rate and ETA. Only numbers are written: nothing here sees an API key."""
+progress line with step rate and ETA, and a few complete episodes per step in episodes.jsonl
+(format_episode prints one). Metrics are numbers and episodes the agents' and coach's texts:
+nothing here sees an API key."""
 from __future__ import annotations
 
 import json
 import math
 import pathlib
 import sys
+import textwrap
 import time
 from typing import Mapping
 
@@ -19,11 +22,13 @@ def _scalar(value) -> float | None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per step to metrics.jsonl; mirrors scalars to TensorBoard / W&B."""
+    """Appends one JSON object per step to metrics.jsonl; mirrors scalars to TensorBoard / W&B.
+    write_episodes appends episode records (workflows.records.episode_record) to episodes.jsonl."""
 
     def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, wandb_project: str = "",
                  run_name: str = "", config: Mapping | None = None, is_main: bool = True):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.episodes_path = pathlib.Path(workdir) / "episodes.jsonl"
         self.is_main = is_main
         self._tb = self._wandb = None
         if not is_main:
@@ -38,12 +43,13 @@ class MetricsWriter:
                                      dir=str(workdir), resume="allow")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop rows of steps after the checkpoint, so curves never hold a step twice."""
-        if not self.is_main or not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(r + "\n" for r in rows))
+        """On resume: drop rows (and episodes) of steps after the checkpoint, so none is there twice."""
+        for path in (self.path, self.episodes_path):
+            if not self.is_main or not path.exists():
+                continue
+            rows = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(r + "\n" for r in rows))
 
     def write(self, step: int, metrics: Mapping[str, object]) -> None:
         if not self.is_main:
@@ -58,6 +64,12 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def write_episodes(self, records: list[Mapping]) -> None:
+        if not self.is_main or not records:
+            return
+        with self.episodes_path.open("a") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -70,6 +82,35 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"metrics file {path} does not exist")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_episode(record: Mapping) -> str:
+    """One episodes.jsonl record as text: the problem, then each action's reply, the output of its
+    code (the code itself is in the reply) and the coach's score, reasoning and resulting reward."""
+    failed = f" | failed: {record['failure_reason']}" if record["status"] == "failed" else ""
+    lines = [f"=== {record['phase']} step {record['step']}, episode {record['episode_id']}: "
+             f"outcome {record['outcome']:g}{failed}",
+             f"problem: {record['problem']}", f"ground truth: {record['ground_truth']}"]
+    for action in record["actions"]:
+        truncated = " (truncated)" if action["truncated"] else ""
+        lines.append(f"--- {action['agent']}, turn {action['turn']}{truncated}")
+        lines.append(textwrap.indent(action["text"].rstrip() or "(empty)", "  "))
+        tool = action["tool"]
+        if tool is not None:
+            ended = (f"stopped: {tool['killed_reason']}" if tool["killed_reason"]
+                     else f"exit status {tool['exit_code']}")
+            lines.append(f"  [code run, {ended}]")
+            lines += [f"  {name}:\n" + textwrap.indent(tool[name].rstrip(), "    ")
+                      for name in ("stdout", "stderr") if tool[name].strip()]
+        coach, reward = action["coach"], action["reward"]
+        reward = "masked" if reward is None else f"{reward:.2f}"
+        if coach is None or coach["score"] is None:
+            why = coach["fallback_reason"] if coach else "no verdict"
+            lines.append(f"  [coach: no score ({why}); reward {reward}]")
+        else:
+            judged = {True: ", judged correct", False: ", judged wrong"}.get(coach["correct"], "")
+            lines.append(f"  [coach: {coach['score']:g}/10{judged}; reward {reward}] {coach['reasoning']}")
+    return "\n".join(lines)
 
 
 class Progress:

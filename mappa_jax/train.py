@@ -43,7 +43,7 @@ from mappa_jax.rl.pipeline import train_step
 from mappa_jax.sampling import Sampler
 from mappa_jax.tools import Sandbox, sandbox_config_from
 from mappa_jax.workdir import OutputMirror, is_remote, local_workdir
-from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, SamplerPolicy,
+from mappa_jax.workflows import (ChatFormat, CoachHandoff, EpisodeRunner, SamplerPolicy, episode_record,
                                  topology_from_config)
 
 
@@ -255,7 +255,8 @@ class Trainer:
 
     # -- rollout ---------------------------------------------------------------------------------
     def rollout(self, tasks, step: int, *, evaluation: bool = False):
-        """Runs the episodes of `tasks` and waits for every action's verdict."""
+        """Runs the episodes of `tasks` and waits for every action's verdict:
+        (result, verdicts, outcome per episode id, timing)."""
         c = self.config
         topology = self.eval_topology if evaluation else self.topology
         samples = c.train.eval_samples if evaluation else c.train.samples_per_task
@@ -292,7 +293,9 @@ class Trainer:
         self.time_split.add("sandbox", t.tool_s - t.overlap_s)
         self.time_split.add("coach wait", coach_wait_s)
         if hosts == 1:
-            return result, verdicts, None, timing
+            by_id = {t.task_id: t for t in tasks}
+            outcomes = {e.episode_id: self.outcome(by_id[e.task_id], e) for e in result.episodes}
+            return result, verdicts, outcomes, timing
         try:
             return (*self._merge_hosts(tasks, result, verdicts, on_action), timing)
         finally:
@@ -368,6 +371,20 @@ class Trainer:
                 rewarded.append((action, reward, episode))
         return {k: float(np.mean(v)) for k, v in sums.items()}, rewarded
 
+    def log_episodes(self, phase: str, step: int, tasks, result, verdicts, outcomes, rewarded) -> None:
+        """logging.episodes_per_step complete episodes, spread over the batch, to episodes.jsonl
+        under `step`, the metrics.jsonl row they belong to (process 0 writes; on several hosts every
+        argument is already process 0's)."""
+        n = self.config.logging.episodes_per_step
+        if not n or not result.episodes:
+            return
+        by_id = {t.task_id: t for t in tasks}
+        rewards = {(a.episode_id, a.agent, a.turn): reward for a, reward, _ in rewarded}
+        picked = result.episodes[::max(1, len(result.episodes) // n)][:n]
+        self.metrics.write_episodes([episode_record(e, by_id[e.task_id], step=step, phase=phase,
+                                                    outcome=outcomes[e.episode_id], verdicts=verdicts,
+                                                    rewards=rewards) for e in picked])
+
     # -- one step --------------------------------------------------------------------------------
     def train_one_step(self) -> dict[str, float]:
         c = self.config
@@ -399,6 +416,7 @@ class Trainer:
         counts = {f"actions/{name}/{k}": v for name, rows in samples.items() for k, v in sample_counts(rows).items()}
         coach = {f"coach/{k}": v for k, v in self.coach_metrics().items()}
         self.step += 1
+        self.log_episodes("train", self.step, tasks, result, verdicts, outcomes, rewarded)
         return {**stats, **rl_metrics, **counts, **coach, **timing, "time/update_s": update_s,
                 "time/step_s": time.perf_counter() - t0, "rollout/generated_tokens": result.timings.generated_tokens}
 
@@ -418,7 +436,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         result, verdicts, outcomes, timing = self.rollout(self.eval_tasks, self.step, evaluation=True)
-        stats, _ = self.episode_stats(self.eval_tasks, result, verdicts, prefix="eval/", outcomes=outcomes)
+        stats, rewarded = self.episode_stats(self.eval_tasks, result, verdicts, prefix="eval/", outcomes=outcomes)
+        self.log_episodes("eval", self.step, self.eval_tasks, result, verdicts, outcomes, rewarded)
         stats["eval/accuracy"] = stats.pop("eval/outcome")
         result.remove_workspaces()
         return {**stats, "eval/time_s": timing["time/rollout_s"] + timing["time/coach_wait_s"]}

@@ -10,6 +10,7 @@ leave the checkpoints and metrics byte for byte as they were.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import importlib.util
@@ -218,17 +219,114 @@ def test_curves_and_summary_are_written(runs):
     assert summary["steps"] == STEPS and "eval/accuracy" in summary["before"]
 
 
+def _episode_log(workdir: pathlib.Path) -> list[dict]:
+    from mappa_jax.metrics import read_jsonl
+    return read_jsonl(workdir / "episodes.jsonl")
+
+
+def test_episode_log_holds_complete_episodes_with_the_coach_scores_their_problems_carry(runs, setup):
+    """episodes.jsonl: logging.episodes_per_step complete episodes of every training step and of
+    both evaluations; each action's coach score is its problem's [[score:N]] (SCORES, by problem
+    index: what the loopback coach was told to answer), EVAL_SCORE for the unmarked held-out
+    problems, and the reward is score / 10 (process_weight 1, outcome_weight 0)."""
+    from mappa_jax.config import base_config
+    from mappa_jax.metrics import format_episode
+    per_step, eval_episodes = base_config().logging.episodes_per_step, 2  # configs/tiny.py: 2 eval tasks x 1
+    records = _episode_log(runs.baseline)
+    counts = collections.Counter((r["phase"], r["step"]) for r in records)
+    assert counts == {**{("train", step): per_step for step in range(1, STEPS + 1)},
+                      ("eval", 0): min(per_step, eval_episodes), ("eval", STEPS): min(per_step, eval_episodes)}
+    for record in records:
+        agents = [a["agent"] for a in record["actions"]]  # the whole episode, in order
+        assert record["status"] == "ok" and (agents[0], agents[-1]) == (AGENTS[0], AGENTS[-1])
+        assert set(agents) == set(AGENTS)
+        if record["phase"] == "train":
+            index = int(record["task_id"].rsplit("/p", 1)[1])  # "arithmetic/p<index>"
+            score = SCORES[index]
+            assert f"[[score:{score}]]" in record["problem"]
+            assert record["ground_truth"] == str(4 * index + 3)  # as scored_tiny writes problem p<index>
+        else:
+            score = EVAL_SCORE
+            assert re.fullmatch(r"-?\d+", record["ground_truth"])  # the synthetic problems' answers
+        assert record["outcome"] in (0.0, 1.0)
+        for action in record["actions"]:
+            assert action["coach"]["status"] == "ok" and action["coach"]["score"] == score, action
+            assert action["reward"] == pytest.approx(score / 10)
+        assert format_episode(record).count(f"[coach: {score}/10") == len(record["actions"])
+    # Two train episodes of one step come from different problems (spread over the batch).
+    assert all(len({r["task_id"] for r in records if (r["phase"], r["step"]) == key}) == n
+               for key, n in counts.items() if key[0] == "train")
+    assert str(setup.root) not in (runs.baseline / "episodes.jsonl").read_text()  # no host paths
+
+
+def test_colab_notebook_shows_the_episodes_and_curves_of_a_finished_run(runs, monkeypatch, capsys):
+    """launch/colab_demo.ipynb's cells after the training cell, run on this module's finished run
+    (stand-ins for the training cell's `trainer` and `time_split` hold what those cells read): the
+    held-out episodes before and after training and step 1's print, and the curves are the run's."""
+    import types
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mappa_jax.metrics import format_episode
+    cells = json.loads((REPO / "launch" / "colab_demo.ipynb").read_text())["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    after_training = code[next(i for i, c in enumerate(code) if "Trainer(" in c) + 1:]
+    if importlib.util.find_spec("IPython") is None:  # Colab has it; the test extras need not
+        display = types.ModuleType("IPython.display")
+        display.Image, display.display = str, lambda shown: None
+        monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+        monkeypatch.setitem(sys.modules, "IPython.display", display)
+    monkeypatch.setattr(plt, "show", lambda: None)
+    namespace = {"trainer": types.SimpleNamespace(workdir=runs.baseline),
+                 "time_split": {"wall": 120.0, "compilation": 60.0, "other": 60.0}}
+    for cell in after_training:
+        exec(compile(cell, "notebook cell", "exec"), namespace)
+    out = capsys.readouterr().out
+    records = _episode_log(runs.baseline)
+    printed = [out.find(format_episode(r)) for key in (("eval", 0), ("train", 1), ("eval", STEPS))
+               for r in records if (r["phase"], r["step"]) == key]
+    assert len(printed) >= 3 and -1 not in printed and printed == sorted(printed), printed
+    assert "wall" in out and "2.0 min" in out
+    accuracy, reward = namespace["fig"].axes
+    rows = _rows(runs.baseline)
+    assert list(accuracy.lines[0].get_xdata()) == [0, STEPS]
+    assert list(accuracy.lines[0].get_ydata()) == [rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]]
+    assert sorted(line.get_label() for line in reward.lines) == sorted(AGENTS)
+    for line in reward.lines:
+        assert list(line.get_ydata()) == [r[f"reward/agent/{line.get_label()}"] for r in rows[1:]]
+    plt.close("all")
+
+
+def test_resuming_drops_the_episodes_of_steps_after_the_checkpoint(tmp_path):
+    """The kill above lands before step 2 logs anything; a kill after a step's episodes were
+    written but before its checkpoint leaves rows the resumed run writes again."""
+    from mappa_jax.metrics import MetricsWriter, read_jsonl
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(4):
+        writer.write(step, {"x": step})
+        writer.write_episodes([{"step": step, "phase": "train", "sample": k} for k in range(2)])
+    writer.truncate_after(1)
+    episodes = read_jsonl(tmp_path / "episodes.jsonl")
+    assert [(r["step"], r["sample"]) for r in episodes] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
 def test_resume_does_not_duplicate_metric_rows(runs):
     assert runs.steps_seen_before_kill[:2] == [0, 1]  # what the killed run had logged
     steps = [r["step"] for r in _rows(runs.resumed)]
     assert steps == list(range(STEPS + 1))
+    # Nor episodes: the resumed log is the uninterrupted run's (same episodes, same replies).
+    texts = lambda records: [(r["phase"], r["step"], r["episode_id"], [a["text"] for a in r["actions"]])
+                             for r in records]
+    assert texts(_episode_log(runs.resumed)) == texts(_episode_log(runs.baseline))
     assert (runs.resumed / "curves.png").exists()
 
 
 # ---- (2) bad inputs: a clear error before the model loads, nothing already written touched -----
 def _snapshot(workdir: pathlib.Path) -> dict[str, str]:
     files = [p for p in (workdir / "checkpoints").rglob("*") if p.is_file()]
-    files += [workdir / name for name in ("metrics.jsonl", "summary.json", "curves.png")]
+    files += [workdir / name for name in ("metrics.jsonl", "episodes.jsonl", "summary.json", "curves.png")]
     return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 

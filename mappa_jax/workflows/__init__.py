@@ -10,7 +10,8 @@
 from mappa_jax.workflows.chat import ChatFormat, strip_think
 from mappa_jax.workflows.coaching import CoachHandoff, to_coach_request
 from mappa_jax.workflows.policy import Generation, Policy, PolicyCall, ScriptedPolicy
-from mappa_jax.workflows.records import Action, EpisodeResult, RunResult, RunTimings, ToolRecord
+from mappa_jax.workflows.records import (Action, EpisodeResult, RunResult, RunTimings, ToolRecord,
+                                         episode_record)
 from mappa_jax.workflows.runner import EpisodeRunner
 from mappa_jax.workflows.sampler_policy import PolicyRouter, PolicyWeights, SamplerPolicy
 from mappa_jax.workflows.specs import (AgentSpec, Topology, TopologyConfigError, agent_config,
@@ -23,7 +24,7 @@ __all__ = [
     "Action", "AgentSpec", "ChatFormat", "CoachHandoff", "EpisodeResult", "EpisodeRunner",
     "Generation", "Policy", "PolicyCall", "PolicyRouter", "PolicyWeights", "RunResult",
     "RunTimings", "SamplerPolicy", "ScriptedPolicy", "ToolRecord", "Topology",
-    "TopologyConfigError", "agent_config", "data_science_config", "get_topology_config",
+    "TopologyConfigError", "agent_config", "data_science_config", "episode_record", "get_topology_config",
     "mathchat_config", "strip_think", "to_coach_request", "topology_from_config",
     "topology_to_config", "workspace_factory",
 ]

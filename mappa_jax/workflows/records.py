@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,35 @@ class EpisodeResult:
     @property
     def failed(self) -> bool:
         return self.status == "failed"
+
+
+def episode_record(episode: EpisodeResult, task: Any, *, step: int, phase: str, outcome: float,
+                   verdicts: Mapping, rewards: Mapping) -> dict:
+    """One episode as <workdir>/episodes.jsonl holds it (mappa_jax.metrics.format_episode prints it):
+    the problem and its ground truth (None for data science: its answers stay in their hidden
+    file), the outcome, and per action the agent's text, its code run, the coach's verdict and the
+    reward training gives it. verdicts / rewards are keyed by (episode_id, agent, turn); None where
+    there is none (a failed judgement). The workspace path becomes "<workspace>": tracebacks name
+    it, and a host path means nothing off this machine."""
+    def scrub(text):
+        return text.replace(episode.workspace_dir, "<workspace>") if text and episode.workspace_dir else text
+
+    actions = []
+    for action in episode.actions:
+        key = (action.episode_id, action.agent, action.turn)
+        tool, verdict = action.tool, verdicts.get(key)
+        actions.append({
+            "agent": action.agent, "turn": action.turn, "text": scrub(action.text), "truncated": action.truncated,
+            "tool": None if tool is None else {
+                "code": [scrub(cell) for cell in tool.code], "stdout": scrub(tool.stdout),
+                "stderr": scrub(tool.stderr), "exit_code": tool.exit_code, "killed_reason": tool.killed_reason},
+            "coach": None if verdict is None else {
+                "score": verdict.score, "reasoning": scrub(verdict.reasoning), "correct": verdict.correct,
+                "status": verdict.status, "fallback_reason": verdict.fallback_reason},
+            "reward": rewards.get(key)})
+    return {"step": step, "phase": phase, "episode_id": episode.episode_id, "task_id": episode.task_id,
+            "problem": task.prompt, "ground_truth": task.answer, "outcome": outcome, "status": episode.status,
+            "failure_reason": scrub(episode.failure_reason), "actions": actions}
 
 
 @dataclasses.dataclass(frozen=True)
