@@ -36,6 +36,7 @@ from mappa_jax.models.lora import LoraAdapters
 from mappa_jax.parallel import memory_check
 from mappa_jax.rl.config import RLConfig
 from mappa_jax.rl.experience import Sample, batch_bucket, build_experience
+from mappa_jax.rl.pipeline import uses_reference
 from mappa_jax.rl.update import PolicyUpdater
 from mappa_jax.sampling import Sampler, SamplerConfig
 from mappa_jax.workflows import topology_from_config
@@ -249,14 +250,16 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
     trainer_args = (frozen, lora, exp) if updater.uses_lora else (params, None, exp)
     # Forward only: one layer's activations and the float32 logits of one chunk (no gradient).
     logprob_estimate = estimate.resident + estimate.terms["forward"] + estimate.terms["logits"] // 2
-    programs.append(Program("logprobs (trainer)", "logprobs", updater.logprobs_fn(*trainer_args), trainer_args, {},
-                            device_bytes(trainer_args[:2]), seq, logprob_estimate))
-    reference_args = (reference, None, exp)
-    if _same_abstract(reference_args, trainer_args):
-        programs[-1].name = "logprobs (trainer, reference)"
-    else:
-        programs.append(Program("logprobs (reference)", "logprobs", updater.logprobs_fn(*reference_args),
-                                reference_args, {}, device_bytes(reference), seq, logprob_estimate))
+    # Only the forward passes the step runs (rl.pipeline): the trainer's when it supplies the old
+    # logprobs, the reference's when a KL term uses it; one program when their arguments coincide.
+    logprob_runs = [(name, args, size) for name, args, size, runs in (
+        ("trainer", trainer_args, device_bytes(trainer_args[:2]), updater.cfg.old_logprobs == "trainer"),
+        ("reference", (reference, None, exp), device_bytes(reference), uses_reference(updater.cfg))) if runs]
+    if len(logprob_runs) == 2 and _same_abstract(logprob_runs[0][1], logprob_runs[1][1]):
+        logprob_runs = [("trainer, reference", *logprob_runs[0][1:])]
+    for name, args, size in logprob_runs:
+        programs.append(Program(f"logprobs ({name})", "logprobs", updater.logprobs_fn(*args), args, {}, size, seq,
+                                logprob_estimate))
     update_args = (state, frozen, exp)
     programs.append(Program("update", "update", updater.update_fn(*update_args), update_args, {},
                             device_bytes((state, frozen)), seq, estimate.resident + estimate.update))

@@ -31,8 +31,10 @@ def test_config_loads_validates_and_plans(path):
     assert plan.buckets == {"batch": tuple(sc.batch_buckets), "prompt": tuple(sc.prompt_buckets),
                             "generation": tuple(sc.generation_buckets)}
     names = [p.name for p in plan.programs]
-    assert "update" in names and any(n.startswith("logprobs (trainer") for n in names)
-    assert any("reference" in n for n in names)
+    # The forward passes the step runs: the trainer's for trainer old logprobs, the reference's for a KL term.
+    assert "update" in names
+    assert any(n.startswith("logprobs (trainer") for n in names) == (config.rl.old_logprobs == "trainer")
+    assert any("reference" in n for n in names) == (config.rl.kl_coef > 0)
     for b in sc.batch_buckets:
         assert f"prefill b{b}" in names and f"decode b{b}" in names
     # Nothing is materialized: every input of every program is shape-only.

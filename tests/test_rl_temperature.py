@@ -87,7 +87,6 @@ def test_sampler_and_trainer_logprobs_agree_at_each_agents_temperature(rollout):
         trainer = np.asarray(updater.policy_logprobs(policies[agent], prepared[agent]))
         np.testing.assert_allclose(trainer[mask], exact[mask], atol=2e-5)
         np.testing.assert_allclose(exp.ref_logprobs[mask], _exact_logprobs(reference, exp, rows_t)[mask], atol=2e-5)
-        assert float(metrics[f"{agent}/trainer_sampler_logprob_gap_max"]) < 2e-5
     # Temperature is data: both agents (and the references) ran one compiled logprob program.
     assert updater.compilation_counts()["logprobs"] == 1
 
@@ -96,6 +95,7 @@ def test_sampler_and_trainer_logprobs_agree_at_each_agents_temperature(rollout):
     for agent in TEMPERATURES:
         assert float(step_metrics[f"{agent}/ratio"]) == pytest.approx(1.0, abs=2e-5)
         assert abs(float(step_metrics[f"{agent}/approx_kl_old_new"])) < 2e-5
+        assert float(step_metrics[f"{agent}/trainer_sampler_logprob_gap_max"]) < 2e-5  # the first step's
 
 
 def test_agents_at_different_temperatures_share_one_experience(rollout):

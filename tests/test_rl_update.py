@@ -14,7 +14,7 @@ from mappa_jax.parallel import make_mesh
 from mappa_jax.rl.config import RLConfig
 from mappa_jax.rl.experience import Sample, batch_bucket, build_experience, sample_counts
 from mappa_jax.rl.losses import step_counts
-from mappa_jax.rl.pipeline import prepare_experiences
+from mappa_jax.rl.pipeline import prepare_experiences, train_step
 from mappa_jax.rl.update import PolicyUpdater
 
 from test_rl_math import ref_kl, ref_normalize, ref_returns, ref_token_rewards
@@ -213,3 +213,29 @@ def test_lora_trains_only_the_adapter_and_reference_is_the_base(setup):
     assert new_a.reference is base and new_b.frozen is base
     after = up.policy_logprobs(new_a, prepared["a"])
     assert float(jnp.max(jnp.abs(after - prepared["a"].ref_logprobs))) > 1e-5
+
+
+def test_sampler_old_logprobs_skip_the_trainer_pass_and_report_the_first_steps_gap(setup):
+    """old_logprobs="sampler": no separate trainer forward; the gap comes from the update's first
+    optimizer step (parameters as sampled), equal to |trainer - sampler| over that step's rows. kl_coef
+    0: no reference forward either, and the update is the one a zero-weight reference gives."""
+    graphdef, state, _ = setup
+    cfg = RL.replace(old_logprobs="sampler", kl_coef=0.0)
+    up = PolicyUpdater(graphdef, cfg, make_mesh())
+    exp = build_experience(random_samples(3), length_buckets=LENGTHS, batch_buckets=ROWS)
+    trainer = np.asarray(up.logprobs(state, None, up.place(exp)))
+    calls_before = up.compilation_counts()["logprobs"]
+    new, metrics = train_step(up, {"a": up.new_full_agent(state)}, {"a": exp})
+    assert up.compilation_counts()["logprobs"] == calls_before  # neither trainer nor reference forward ran
+    first = np.zeros(exp.batch_size, bool)
+    first[:cfg.train_batch_size] = True
+    mask = np.asarray(exp.action_mask & exp.valid[:, None]) & first[:, None]
+    gap = np.abs(trainer - np.asarray(exp.sampler_logprobs))[mask]
+    assert float(metrics["a/trainer_sampler_logprob_gap_mean"]) == pytest.approx(gap.mean(), rel=1e-4)
+    assert float(metrics["a/trainer_sampler_logprob_gap_max"]) == pytest.approx(gap.max(), rel=1e-4)
+    assert "a/kl_ref" not in metrics and "a/kl_reward" not in metrics
+    # Same update as the full pipeline with a reference whose KL weight is zero.
+    full = PolicyUpdater(graphdef, cfg.replace(kl_coef=1e-30), make_mesh())
+    want, _ = train_step(full, {"a": full.new_full_agent(state)}, {"a": exp})
+    for a, b in zip(jax.tree.leaves(new["a"].state.params), jax.tree.leaves(want["a"].state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

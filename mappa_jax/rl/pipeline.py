@@ -31,6 +31,12 @@ def reinforce_returns(exp: Experience, cfg: RLConfig) -> tuple[jax.Array, jax.Ar
 _reinforce_returns = jax.jit(reinforce_returns, static_argnums=1)
 
 
+def uses_reference(cfg: RLConfig) -> bool:
+    """Whether the reference policy enters the objective (a KL term with a positive coefficient);
+    when it does not, its logprobs are not computed (ref_logprobs = old_logprobs, KL 0)."""
+    return cfg.kl_coef > 0
+
+
 @jax.jit
 def _logprob_gap(trainer, sampler, mask):
     diff = jnp.where(mask, jnp.abs(trainer - sampler), 0.0)
@@ -51,14 +57,20 @@ def prepare_experiences(updater: PolicyUpdater, policies: Mapping[str, AgentPoli
     for name in names:
         exp = updater.place(experiences[name])
         policy = policies[name]
-        trainer = updater.policy_logprobs(policy, exp)
-        reference = updater.reference_logprobs(policy, exp)
-        for key, value in _logprob_gap(trainer, exp.sampler_logprobs, exp.loss_mask).items():
-            metrics[f"{name}/{key}"] = value
-        old = trainer if cfg.old_logprobs == "trainer" else exp.sampler_logprobs
+        # Each forward pass here costs about half an update: run only those the step needs. With the
+        # sampler's logprobs as the behaviour policy, the update's first optimizer step (parameters
+        # not yet changed) reports the trainer/sampler gap; with no KL term the reference is unused.
+        if cfg.old_logprobs == "trainer":
+            old = updater.policy_logprobs(policy, exp)
+            for key, value in _logprob_gap(old, exp.sampler_logprobs, exp.loss_mask).items():
+                metrics[f"{name}/{key}"] = value
+        else:
+            old = exp.sampler_logprobs
+        reference = updater.reference_logprobs(policy, exp) if uses_reference(cfg) else old
         exp = exp.replace(old_logprobs=old, ref_logprobs=reference)
         ret, kl = _reinforce_returns(exp, cfg)
-        metrics[f"{name}/kl_reward"] = masked_mean(kl, exp.loss_mask)
+        if uses_reference(cfg):
+            metrics[f"{name}/kl_reward"] = masked_mean(kl, exp.loss_mask)
         metrics[f"{name}/reward_mean"] = masked_mean(exp.rewards, exp.valid)
         metrics[f"{name}/valid_fraction"] = jnp.mean(exp.valid)
         placed[name] = exp
@@ -72,9 +84,15 @@ def train_step(updater: PolicyUpdater, policies: Mapping[str, AgentPolicy],
                experiences: Mapping[str, Experience]) -> tuple[dict[str, AgentPolicy], dict]:
     """Advantages for every agent, then one update pass per agent (each agent's old train state is
     donated). Agents without experience this step keep their policy."""
+    cfg = updater.cfg
     prepared, metrics = prepare_experiences(updater, policies, experiences)
     new = dict(policies)
     for name, exp in prepared.items():
         new[name], agent_metrics = updater.update(policies[name], exp)
+        gap = {k: agent_metrics.pop(f"first_step_{k}") for k in ("logprob_gap_mean", "logprob_gap_max")}
+        if cfg.old_logprobs == "sampler":  # the first optimizer step's logprobs are the trainer's
+            metrics.update({f"{name}/trainer_sampler_{k}": v for k, v in gap.items()})
+        if not uses_reference(cfg):
+            agent_metrics.pop("kl_ref")  # no reference was computed: nothing to report
         metrics.update({f"{name}/{k}": v for k, v in agent_metrics.items()})
     return new, metrics

@@ -36,6 +36,11 @@ from mappa_jax.rl.losses import LOSS_AGGREGATIONS, POLICY_LOSSES, step_counts
 from mappa_jax.rl.optim import learning_rate_schedule, make_optimizer
 
 
+# Per-token statistics each micro-batch sums (max_*: takes the maximum); see _micro_loss.
+_TOKEN_SUMS = ("clip_fraction", "approx_kl_old_new", "approx_kl_old_new_k3", "ratio", "kl_ref", "entropy",
+               "abs_log_ratio", "max_abs_log_ratio")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
@@ -254,6 +259,8 @@ class PolicyUpdater:
             "ratio": stop(jnp.sum(jnp.where(mask, jnp.exp(log_ratio), 0.0))),
             "kl_ref": stop(jnp.sum(kl_ref)),
             "entropy": stop(jnp.sum(jnp.where(mask, entropy, 0.0))),
+            "abs_log_ratio": stop(jnp.sum(jnp.abs(log_ratio))),
+            "max_abs_log_ratio": stop(jnp.max(jnp.abs(log_ratio))),  # combined by max, not summed
         }
         return loss, (stop(policy_loss), stop(kl_loss), sums)
 
@@ -272,12 +279,11 @@ class PolicyUpdater:
             def micro_step(carry, mb):
                 grads, policy_loss, kl_loss, sums = carry
                 (_, (pl, kl, s)), g = grad_fn(state.params, frozen, mb, counts)
-                return (jax.tree.map(jnp.add, grads, g), policy_loss + pl, kl_loss + kl,
-                        jax.tree.map(jnp.add, sums, s)), None
+                combined = {k: (jnp.maximum if k.startswith("max_") else jnp.add)(sums[k], s[k]) for k in sums}
+                return (jax.tree.map(jnp.add, grads, g), policy_loss + pl, kl_loss + kl, combined), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            zero_sums = {k: jnp.zeros((), jnp.float32) for k in
-                         ("clip_fraction", "approx_kl_old_new", "approx_kl_old_new_k3", "ratio", "kl_ref", "entropy")}
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in _TOKEN_SUMS}
             (grads, policy_loss, kl_loss, sums), _ = jax.lax.scan(
                 micro_step, (zeros, jnp.zeros(()), jnp.zeros(()), zero_sums), batch)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -299,6 +305,10 @@ class PolicyUpdater:
         metrics = {k: jnp.sum(per_step[k] * real) / n_real for k in ("policy_loss", "kl_loss", "grad_norm")}
         metrics.update({k: jnp.sum(per_step[k]) / tokens for k in
                         ("clip_fraction", "approx_kl_old_new", "approx_kl_old_new_k3", "ratio", "kl_ref", "entropy")})
+        # The first optimizer step runs on the parameters that sampled: its |logp - old_logprobs| is
+        # the trainer/sampler gap when old_logprobs are the sampler's (the pipeline reports it then).
+        metrics["first_step_logprob_gap_mean"] = per_step["abs_log_ratio"][0] / jnp.maximum(per_step["tokens"][0], 1.0)
+        metrics["first_step_logprob_gap_max"] = per_step["max_abs_log_ratio"][0]
         metrics["learning_rate"] = jnp.max(jnp.where(real > 0, per_step["learning_rate"], 0.0))
         metrics["optimizer_steps"] = jnp.sum(real)
         metrics["trained_tokens"] = jnp.sum(per_step["tokens"])
