@@ -90,3 +90,21 @@ def test_builder_from_spec(tmp_path):
         builder_from_spec({"source": "kaggle"}, data_dir=tmp_path)
     with pytest.raises(DataError, match="source 'dsbench'.*answers_root"):
         builder_from_spec({"source": "dsbench", "tasks_root": "x"}, data_dir=tmp_path)
+
+
+def test_templates_select_problem_families_and_name_bad_ones():
+    from mappa_jax.data import synthetic
+    change = synthetic.arithmetic_tasks(40, seed=3, difficulty=2, templates=("change",))
+    assert {t.metadata["template"] for t in change} == {"change"}
+    mixed = synthetic.arithmetic_tasks(40, seed=3, difficulty=2)
+    assert {t.metadata["template"] for t in mixed} > {"change"}
+    # The family's problems are right: paid - count * price, read back from the text.
+    for task in change:
+        words = task.prompt.split()
+        count, price, paid = int(words[2]), int(words[5]), int(words[11])
+        assert int(task.answer) == paid - count * price
+    assert not {t.task_id for t in change} & {t.task_id for t in mixed}  # ids name the selection
+    with pytest.raises(DataError, match="unknown; known"):
+        synthetic.arithmetic_tasks(2, templates=("chnage",))
+    with pytest.raises(DataError, match="not unlocked at difficulty 1"):
+        synthetic.arithmetic_tasks(2, difficulty=1, templates=("ages",))

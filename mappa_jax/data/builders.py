@@ -167,20 +167,21 @@ class SyntheticMathTasks(TaskBuilder):
     """
 
     def __init__(self, arithmetic_count: int = 0, difficulty: int = 2, seed: int = 0,
-                 reasoning_gym: Mapping[str, int] | None = None, **kwargs):
-        self._spec = (arithmetic_count, difficulty, seed, dict(reasoning_gym or {}))
+                 reasoning_gym: Mapping[str, int] | None = None, templates: tuple[str, ...] = (), **kwargs):
+        self._spec = (arithmetic_count, difficulty, seed, dict(reasoning_gym or {}), tuple(templates))
         super().__init__(**kwargs)
 
     def _gather(self):
-        count, difficulty, seed, generators = self._spec
-        tasks = synthetic.arithmetic_tasks(count, seed, difficulty) if count else []
+        count, difficulty, seed, generators, templates = self._spec
+        tasks = synthetic.arithmetic_tasks(count, seed, difficulty, templates) if count else []
         for name, n in sorted(generators.items()):
             tasks.extend(synthetic.reasoning_gym_tasks(name, n, seed))
         return tasks
 
     def _describe(self):
-        count, difficulty, seed, generators = self._spec
-        return (f"synthetic math: {count} arithmetic (difficulty {difficulty}), reasoning-gym "
+        count, difficulty, seed, generators, templates = self._spec
+        families = f", templates {list(templates)}" if templates else ""
+        return (f"synthetic math: {count} arithmetic (difficulty {difficulty}{families}), reasoning-gym "
                 f"{generators}, seed {seed}")
 
 
@@ -205,7 +206,7 @@ _SPEC_KEYS = {
     "math_files": {"files"},
     "dsbench": {"tasks_root", "answers_root", "id_prefix"},
     "sklearn": {"files_dir", "seed", "test_fraction", "names"},
-    "synthetic": {"arithmetic_count", "difficulty", "seed", "reasoning_gym"},
+    "synthetic": {"arithmetic_count", "difficulty", "seed", "reasoning_gym", "templates"},
 }
 
 
@@ -216,7 +217,7 @@ def builder_from_spec(spec: Mapping, data_dir: str | pathlib.Path) -> TaskBuilde
     "select_seed"?}, ...] (a seeded subset of a file: math_files.py);
     "dsbench": tasks_root, answers_root[, id_prefix]; "sklearn": files_dir[, seed,
     test_fraction, names]; "synthetic": arithmetic_count, difficulty, seed, reasoning_gym
-    ({generator: count}). Unknown sources or keys are errors naming them.
+    ({generator: count}), templates (arithmetic problem families, `synthetic.template_names()`). Unknown sources or keys are errors naming them.
     """
     spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
     source = spec.pop("source", None)

@@ -73,25 +73,38 @@ TEMPLATES: tuple[tuple[Template, int], ...] = (
     (_change, 1), (_sharing, 1), (_production, 2), (_ages, 2), (_savings_split, 3))
 
 
-def arithmetic_task(seed: int, index: int, difficulty: int = 2) -> Task:
-    """The index-th arithmetic word problem of this seed and difficulty."""
+def template_names() -> tuple[str, ...]:
+    return tuple(template.__name__.lstrip("_") for template, _ in TEMPLATES)
+
+
+def arithmetic_task(seed: int, index: int, difficulty: int = 2, templates: tuple[str, ...] = ()) -> Task:
+    """The index-th arithmetic word problem of this seed and difficulty; `templates` (names, see
+    `template_names`) narrows the problem families to those, else every one the difficulty unlocks."""
     if difficulty not in MAGNITUDE:
         raise DataError(f"arithmetic difficulty must be one of {sorted(MAGNITUDE)}, "
                         f"got {difficulty}")
+    unknown = sorted(set(templates) - set(template_names()))
+    if unknown:
+        raise DataError(f"arithmetic templates {unknown} are unknown; known: {list(template_names())}")
     rng = random.Random(f"arithmetic-{seed}-{difficulty}-{index}")
-    usable = [template for template, level in TEMPLATES if level <= difficulty]
+    usable = [template for template, level in TEMPLATES if level <= difficulty
+              and (not templates or template.__name__.lstrip("_") in templates)]
+    if not usable:
+        raise DataError(f"arithmetic templates {list(templates)} are not unlocked at difficulty {difficulty}: "
+                        + ", ".join(f"{t.__name__.lstrip('_')} from {level}" for t, level in TEMPLATES))
     template = rng.choice(usable)
     text, answer = template(rng, MAGNITUDE[difficulty])
-    return Task(task_id=f"arithmetic/d{difficulty}-s{seed}-{index}", kind=MATH,
+    family = "-" + "+".join(sorted(templates)) if templates else ""  # ids stay unique per selection
+    return Task(task_id=f"arithmetic/d{difficulty}{family}-s{seed}-{index}", kind=MATH,
                 task_type="arithmetic", prompt=text, answer=str(answer),
                 metadata={"template": template.__name__.lstrip("_"),
                           "difficulty": str(difficulty)})
 
 
-def arithmetic_tasks(count: int, seed: int = 0, difficulty: int = 2) -> list[Task]:
+def arithmetic_tasks(count: int, seed: int = 0, difficulty: int = 2, templates: tuple[str, ...] = ()) -> list[Task]:
     if count <= 0:
         raise DataError(f"arithmetic task count must be positive, got {count}")
-    return [arithmetic_task(seed, index, difficulty) for index in range(count)]
+    return [arithmetic_task(seed, index, difficulty, tuple(templates)) for index in range(count)]
 
 
 REASONING_GYM_DEFAULTS = ("gsm_symbolic", "basic_arithmetic", "simple_equations")
