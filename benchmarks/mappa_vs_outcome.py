@@ -1,6 +1,6 @@
 """MAPPA's central claim in miniature: per-action coach rewards against an outcome-only reward.
 
-    python benchmarks/mappa_vs_outcome.py [--config configs/demo.py] [--seeds 0 1] [--steps 6]
+    python benchmarks/mappa_vs_outcome.py [--config configs/demo.py] [--seeds 0 1] [--steps 5]
         [--eval-every 3] [--root runs/mappa_vs_outcome] [--set train.tasks_per_step=4 ...]
 
 Two arms train the same system (the config's topology, model, tasks, steps, rollouts per step and
@@ -170,7 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.py", help="experiment config both arms train")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--eval-every", type=int, default=3, help="held-out eval (and checkpoint) interval")
     parser.add_argument("--root", default="runs/mappa_vs_outcome", help="one workdir per arm and seed in here")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
