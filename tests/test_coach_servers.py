@@ -5,6 +5,7 @@ The Gemini cases go through google-genai's real async client (base_url pointed a
 import asyncio
 import gc
 import glob
+import time
 import uuid
 import warnings
 
@@ -151,33 +152,48 @@ def test_gemini_request_shape(server, keys):
     assert "systemInstruction" in call["body"]
 
 
-def test_consecutive_gemini_rollouts_each_in_a_fresh_event_loop(server, keys):
+def _wait_until_closed(server, deadline_s=5.0):
+    """The server notices a client's close a moment after the client made it."""
+    deadline = time.monotonic() + deadline_s
+    while server.open_connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return server.open_connections
+
+
+@pytest.mark.parametrize("flavour", ["openai_json", "gemini"])
+def test_consecutive_rollouts_each_in_a_fresh_event_loop(keys, flavour):
     """As train.py runs them: each rollout under its own asyncio.run, the coach never closed in
-    between. Every loop gets a working client of its own, closed inside that loop (no socket left
-    open), and rate limiters whose lock was contended in one loop work in the next."""
+    between. Every loop gets working connections of its own, closed inside that loop (the server
+    sees none left open), a later aclose from yet another loop is harmless, and rate limiters
+    whose lock was contended in one loop work in the next."""
     tag = uuid.uuid4().hex[:8]
-    # A 5-request burst refilled at 10/s: the 6th of 10 requests submitted at once sleeps holding
-    # the limiter's lock and the others queue on it.
-    client = make_coach(_config(server, "gemini", rpm=600.0, rate_burst_s=0.5))
-    waited = [0.0]
+    with FakeCoachServer() as own:  # its own server: open connections are this test's alone
+        # A 5-request burst refilled at 10/s: the 6th of 10 requests submitted at once sleeps
+        # holding the limiter's lock and the others queue on it.
+        client = make_coach(_config(own, flavour, rpm=600.0, rate_burst_s=0.5))
+        waited = [0.0]
 
-    async def rollout(i):
-        futures = [client.submit(_request(f"[[score:{(i + k) % 10}]] {tag}-{i}-{k}")) for k in range(10)]
-        return await asyncio.gather(*futures)
+        async def rollout(i):
+            futures = [client.submit(_request(f"[[score:{(i + k) % 10}]] {tag}-{i}-{k}"))
+                       for k in range(10)]
+            return await asyncio.gather(*futures)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ResourceWarning)
-        for i in range(2):
-            verdicts = asyncio.run(rollout(i))
-            assert [(v.status, v.score) for v in verdicts] == [("ok", float((i + k) % 10)) for k in range(10)]
-            waited.append(client.metrics()["rate_limit_wait_s"])
-            assert waited[-1] > waited[-2]  # this rollout waited on the limiter
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for i in range(2):
+                verdicts = asyncio.run(rollout(i))
+                assert [(v.status, v.score) for v in verdicts] == [
+                    ("ok", float((i + k) % 10)) for k in range(10)]
+                assert own.hits == 10 * (i + 1)
+                waited.append(client.metrics()["rate_limit_wait_s"])
+                assert waited[-1] > waited[-2]  # this rollout waited on the limiter
+                assert _wait_until_closed(own) == 0, f"rollout {i} left connections open"
+                gc.collect()
+            asyncio.run(client.aclose())
             gc.collect()
-        asyncio.run(client.aclose())
-        gc.collect()
-    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
-    assert not leaks
-    assert client.backend.clients_created == 2
+        leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        assert not leaks
+        assert client.backend.loop_clients.created == 2
 
 
 @pytest.mark.parametrize("flavour", ["openai_json", "gemini"])

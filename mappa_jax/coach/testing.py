@@ -16,7 +16,8 @@ The answer follows markers written anywhere in the request (e.g. in the task tex
       leak              a valid answer whose reasoning quotes the credential the client sent
   the #tag keeps markers of different requests apart; hits are counted per full marker.
 Every response waits `latency_s` first. Counters: `hits` (all POSTs), `hits_by_marker`, `bodies`,
-`max_in_flight` (most requests being answered at once);
+`max_in_flight` (most requests being answered at once), `open_connections` (client connections
+not yet closed, by either side);
 GET /_stats returns the counters as JSON (for `FakeCoachServerProcess`, which keeps the server's
 work off the client's GIL, as a real remote server would be).
 """
@@ -53,6 +54,7 @@ class FakeCoachServer:
         self.bodies: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.open_connections = 0
         self.port = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,6 +105,8 @@ class FakeCoachServer:
         async def on_connect(reader, writer):
             task = asyncio.current_task()
             handlers.add(task)
+            with self._lock:
+                self.open_connections += 1
             try:
                 await self._connection(reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
@@ -110,6 +114,8 @@ class FakeCoachServer:
             finally:
                 handlers.discard(task)
                 writer.close()
+                with self._lock:
+                    self.open_connections -= 1
 
         server = await asyncio.start_server(on_connect, "127.0.0.1", 0, backlog=1024)
         self.port = server.sockets[0].getsockname()[1]

@@ -1,11 +1,11 @@
 """Gemini through google-genai's async client (API key or Vertex AI)."""
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
 from mappa_jax.coach.backends.base import error_from_status, error_from_transport
+from mappa_jax.coach.backends.per_loop import PerLoop
 from mappa_jax.coach.prompts import Prompt
 from mappa_jax.coach.redaction import redact, register_secret
 from mappa_jax.coach.types import BackendError, CoachCredentialsError, RawResult
@@ -17,9 +17,8 @@ class GeminiBackend:
     """`client.aio.models.generate_content` at temperature 0 with a JSON response schema.
 
     google-genai's own retries are switched off (attempts=1): CoachClient owns retries and timeouts.
-    An SDK client's async connection pool belongs to the event loop it first ran in, and the
-    trainer runs each rollout in a fresh loop (asyncio.run), so there is one client per running
-    loop, closed inside that loop when the loop shuts down (or by aclose), never reused across loops.
+    An SDK client's async connection pool belongs to the event loop it first ran in, so there is
+    one client per running loop (`loop_clients`, see PerLoop), closed inside that loop when it shuts down.
     """
     name = "gemini"
     output_format = "json"
@@ -35,9 +34,7 @@ class GeminiBackend:
         self.base_url = base_url
         self.max_output_tokens = max_output_tokens
         self._timeout_s = timeout_s
-        self._clients: dict[asyncio.AbstractEventLoop, Any] = {}  # running loop -> its genai.Client
-        self._keepers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
-        self.clients_created = 0
+        self.loop_clients = PerLoop(self._new_client, _close_client, name="gemini-client")
 
     def _key_envs(self) -> tuple[str, ...]:
         return (self.api_key_env,) if self.api_key_env else _DEFAULT_KEY_ENVS
@@ -73,7 +70,7 @@ class GeminiBackend:
                 "(coach.gemini.vertexai=True with coach.gemini.project).")
 
     def prepare(self) -> None:
-        self._genai_client()  # importing google-genai and building the client takes ~0.5 s
+        self.loop_clients.get()  # importing google-genai and building the client takes ~0.5 s
 
     def _new_client(self):
         from google import genai  # pylint: disable=import-outside-toplevel
@@ -81,36 +78,11 @@ class GeminiBackend:
         http_options = types.HttpOptions(
             base_url=self.base_url or None, timeout=int(self._timeout_s * 1000),
             retry_options=types.HttpRetryOptions(attempts=1))
-        self.clients_created += 1
         if self.vertexai:
             return genai.Client(vertexai=True, project=self.project or None, location=self.location,
                                 http_options=http_options)
         self.check_credentials()
         return genai.Client(api_key=self._api_key(), http_options=http_options)
-
-    def _genai_client(self):
-        """The running loop's client, built on its first use there. A keeper task owns it: the
-        task waits until the loop shuts down (asyncio.run and asyncio.Runner cancel leftover
-        tasks and let them finish before closing the loop) and then closes the client there."""
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            for stale in [other for other in self._clients if other.is_closed()]:
-                # A loop closed without cancelling its tasks: its client cannot be awaited shut;
-                # dropping it lets the garbage collector release the sockets.
-                del self._clients[stale], self._keepers[stale]
-            client = self._clients[loop] = self._new_client()
-            self._keepers[loop] = loop.create_task(self._close_when_cancelled(loop, client),
-                                                   name="gemini-client-keeper")
-        return client
-
-    async def _close_when_cancelled(self, loop, client) -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            if self._clients.get(loop) is client:
-                del self._clients[loop], self._keepers[loop]
-            await _close_client(client)
 
     async def score(self, prompt: Prompt, schema: dict[str, Any]) -> RawResult:
         from google.genai import errors, types  # pylint: disable=import-outside-toplevel
@@ -121,7 +93,7 @@ class GeminiBackend:
             max_output_tokens=self.max_output_tokens,
             response_mime_type="application/json", response_json_schema=schema)
         try:
-            response = await self._genai_client().aio.models.generate_content(
+            response = await self.loop_clients.get().aio.models.generate_content(
                 model=self.model, contents=contents, config=config)
         except errors.APIError as e:
             raise error_from_status(int(e.code or 0), f"{e.status}: {e.message}",
@@ -149,11 +121,7 @@ class GeminiBackend:
         return RawResult(text=text, tokens_in=tokens_in, tokens_out=tokens_out, structured=True)
 
     async def aclose(self) -> None:
-        """Closes the running loop's client (the next call builds a new one)."""
-        keeper = self._keepers.get(asyncio.get_running_loop())
-        if keeper is not None:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+        await self.loop_clients.aclose()
 
 
 async def _close_client(client) -> None:

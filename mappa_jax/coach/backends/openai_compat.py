@@ -1,7 +1,6 @@
-"""OpenAI-compatible chat completions (vLLM, Ollama, OpenAI, ...) over one shared httpx.AsyncClient."""
+"""OpenAI-compatible chat completions (vLLM, Ollama, OpenAI, ...) over a few shared httpx.AsyncClients."""
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from typing import Any
@@ -9,6 +8,7 @@ from typing import Any
 import httpx
 
 from mappa_jax.coach.backends.base import error_from_status, error_from_transport
+from mappa_jax.coach.backends.per_loop import PerLoop
 from mappa_jax.coach.prompts import Prompt
 from mappa_jax.coach.redaction import register_secret
 from mappa_jax.coach.types import BackendError, CoachCredentialsError, RawResult
@@ -17,8 +17,28 @@ from mappa_jax.coach.types import BackendError, CoachCredentialsError, RawResult
 _CONNECTIONS_PER_POOL = 8
 
 
+class _Pools:
+    """Several small connection pools instead of one big one: httpcore re-scans every (request,
+    connection) pair on each state change, which costs ~15 % of the wall time at 64 connections."""
+
+    def __init__(self, clients: list[httpx.AsyncClient]):
+        self.clients = clients
+        self.in_flight = [0] * len(clients)
+
+    def least_busy(self) -> int:
+        return min(range(len(self.clients)), key=self.in_flight.__getitem__)
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
 class OpenAICompatBackend:
-    """POST {base_url}/chat/completions. JSON-schema output when `structured_output`, else text."""
+    """POST {base_url}/chat/completions. JSON-schema output when `structured_output`, else text.
+
+    httpx's async pools belong to the event loop they first ran in, so there is one set of pools
+    per running loop (`loop_clients`, see PerLoop), closed inside that loop when it shuts down.
+    """
     name = "openai"
 
     def __init__(self, *, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY",
@@ -31,9 +51,8 @@ class OpenAICompatBackend:
         self.max_output_tokens = max_output_tokens
         self._timeout_s = timeout_s
         self._max_connections = max_connections
-        self._clients: list[httpx.AsyncClient] = []
-        self._in_flight: list[int] = []
-        self._clients_loop = None
+        self._ssl_context = None
+        self.loop_clients = PerLoop(self._new_pools, _Pools.aclose, name="openai-pools")
 
     def _api_key(self) -> str | None:
         if not self.api_key_env:
@@ -50,30 +69,22 @@ class OpenAICompatBackend:
                 f"api_key_env='' for a server without authentication.")
 
     def prepare(self) -> None:
-        self._pools()
+        self.loop_clients.get()
 
-    def _pools(self) -> list[httpx.AsyncClient]:
-        # Several small pools instead of one big one: httpcore re-scans every (request, connection)
-        # pair on each state change, which costs ~15 % of the wall time at 64 connections.
-        loop = asyncio.get_running_loop()
-        if self._clients and self._clients_loop is not loop:
-            self._clients = []  # pools of a finished event loop cannot be reused (or closed) here
-        if not self._clients:
-            self._clients_loop = loop
-            headers = {"content-type": "application/json"}
-            key = self._api_key()
-            if key:
-                headers["authorization"] = f"Bearer {key}"
-            ssl_context = httpx.create_ssl_context()  # loading the CA bundle costs ~70 ms: once only
-            n_pools = max(1, -(-self._max_connections // _CONNECTIONS_PER_POOL))
-            per_pool = -(-self._max_connections // n_pools)
-            self._clients = [httpx.AsyncClient(
-                base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self._timeout_s),
-                verify=ssl_context,
-                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool))
-                             for _ in range(n_pools)]
-            self._in_flight = [0] * n_pools
-        return self._clients
+    def _new_pools(self) -> _Pools:
+        headers = {"content-type": "application/json"}
+        key = self._api_key()
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        if self._ssl_context is None:  # loading the CA bundle costs ~70 ms: once only
+            self._ssl_context = httpx.create_ssl_context()
+        n_pools = max(1, -(-self._max_connections // _CONNECTIONS_PER_POOL))
+        per_pool = -(-self._max_connections // n_pools)
+        return _Pools([httpx.AsyncClient(
+            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self._timeout_s),
+            verify=self._ssl_context,
+            limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool))
+                       for _ in range(n_pools)])
 
     def _body(self, prompt: Prompt, schema: dict[str, Any]) -> dict[str, Any]:
         messages = [{"role": "system", "content": prompt.system}]
@@ -86,18 +97,18 @@ class OpenAICompatBackend:
         return body
 
     async def score(self, prompt: Prompt, schema: dict[str, Any]) -> RawResult:
-        pools = self._pools()
-        pool = min(range(len(pools)), key=self._in_flight.__getitem__)  # least busy pool
-        self._in_flight[pool] += 1
+        pools = self.loop_clients.get()
+        pool = pools.least_busy()
+        pools.in_flight[pool] += 1
         try:
-            response = await pools[pool].post("/chat/completions", json=self._body(prompt, schema))
+            response = await pools.clients[pool].post("/chat/completions", json=self._body(prompt, schema))
         except Exception as e:  # pylint: disable=broad-except
             error = error_from_transport(e)
             if error is None:
                 raise
             raise error from None
         finally:
-            self._in_flight[pool] -= 1
+            pools.in_flight[pool] -= 1
         if response.status_code != 200:
             raise error_from_status(response.status_code, response.text[:500], response.headers)
         try:
@@ -113,6 +124,4 @@ class OpenAICompatBackend:
                          structured=self.output_format == "json")
 
     async def aclose(self) -> None:
-        clients, self._clients = self._clients, []
-        for client in clients:
-            await client.aclose()
+        await self.loop_clients.aclose()
