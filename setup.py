@@ -42,6 +42,12 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "accelerate>=1.0", "nbformat>=5.10",
                  "scipy>=1.11"],
         "wandb": ["wandb>=0.18"],
+        # benchmarks/compare.py's peers. llama-cpp-python builds llama.cpp from source (about 40 min
+        # on 2 busy cores). google-tunix pins safetensors<0.8, so pip resolves an older transformers
+        # with it; installing it with --no-deps plus qwix, google-metrax, jaxtyping, omegaconf,
+        # sentencepiece, perfetto and pylatexenc (what its sampler imports) keeps this stack's versions.
+        "bench": ["torch==2.13.0", "accelerate>=1.0", "llama-cpp-python==0.3.36", "diskcache>=5.6",
+                  "google-tunix==0.1.7"],
         # libtpu (about 700 MB): lets `mappa-compile` compile a run for a TPU slice on any machine.
         "tpu": ["jax[tpu]==0.10.2"],
     },

@@ -6,6 +6,9 @@ Prints tokens/s of both, their ratio, our compile time, and how close decode get
 memory-bandwidth roofline (bandwidth measured here with a large NumPy copy).
 
     python benchmarks/sampler.py [--batches 8 32] [--new-tokens 256] [--compute-dtype bfloat16]
+
+Its transformers figure runs in the same process as JAX, which starves both on a small machine; the
+side-by-side measurement (each system in its own process, alternating) is benchmarks/compare.py.
 """
 from __future__ import annotations
 

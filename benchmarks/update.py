@@ -6,6 +6,9 @@ FLOPs over this machine's matmul peak, measured here with a float32 matmul in JA
 
     python benchmarks/update.py                       # small llama-like model, CPU-friendly
     python benchmarks/update.py --preset smollm2 --batch 8 --seq 512
+
+Its PyTorch figure runs in the same process as JAX, which skews both on a small machine; the
+side-by-side measurement (each system in its own process) is benchmarks/compare.py.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from mappa_jax.rl import RLConfig, Sample, build_experience, prepare_experiences
 from mappa_jax.rl.update import PolicyUpdater
 
 PRESETS = {
+    "tiny": dict(family="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16),  # the harness's smoke test
     "small": dict(family="llama", vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6,
                   num_heads=6, num_kv_heads=2, head_dim=64),
     "smollm2": dict(family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -34,6 +39,11 @@ PRESETS = {
 
 def model_config(preset: str) -> ModelConfig:
     return ModelConfig.tiny(**PRESETS[preset], rms_norm_eps=1e-5)
+
+
+def rl_config(batch: int, micro: int) -> RLConfig:
+    return RLConfig(train_batch_size=batch, micro_batch_size=micro, learning_rate=1e-5, warmup_ratio=0.0,
+                    compute_entropy=False)
 
 
 def train_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
@@ -64,23 +74,33 @@ def synthetic_samples(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> 
                    (-rng.exponential(1.0, seq - prompt)).tolist(), float(rng.uniform()), False) for _ in range(batch)]
 
 
-def bench_jax(cfg: ModelConfig, rl: RLConfig, samples, seq: int, repeats: int) -> float:
+def jax_update_step(cfg: ModelConfig, rl: RLConfig, samples, seq: int):
+    """One compiled PolicyUpdater update over `samples` per call (blocks until done)."""
     graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
     updater = PolicyUpdater(graphdef, rl, make_mesh())
-    policy = updater.new_full_agent(state)
+    policy = [updater.new_full_agent(state)]
     exp = build_experience(samples, length_buckets=[seq], batch_buckets=[len(samples)])
-    prepared, _ = prepare_experiences(updater, {"a": policy}, {"a": exp})
+    prepared, _ = prepare_experiences(updater, {"a": policy[0]}, {"a": exp})
     exp = prepared["a"]
-    policy, metrics = updater.update(policy, exp)  # compile + warm-up
-    jax.block_until_ready(metrics)
+
+    def step():
+        policy[0], metrics = updater.update(policy[0], exp)
+        jax.block_until_ready((policy[0].state.params, metrics))
+    return step
+
+
+def bench_jax(cfg: ModelConfig, rl: RLConfig, samples, seq: int, repeats: int) -> float:
+    step = jax_update_step(cfg, rl, samples, seq)
+    step()  # compile + warm-up
     start = time.perf_counter()
     for _ in range(repeats):
-        policy, metrics = updater.update(policy, exp)
-    jax.block_until_ready((policy.state.params, metrics))
+        step()
     return (time.perf_counter() - start) / repeats
 
 
-def bench_torch(cfg: ModelConfig, rl: RLConfig, samples, seq: int, repeats: int) -> float:
+def torch_update_step(cfg: ModelConfig, rl: RLConfig, samples):
+    """The same update in PyTorch (transformers' model, torch AdamW, the same clipped token-mean
+    loss over the same tokens and micro-batches); one optimizer step per call."""
     import torch
     import transformers
 
@@ -113,7 +133,11 @@ def bench_torch(cfg: ModelConfig, rl: RLConfig, samples, seq: int, repeats: int)
             ((loss * m).sum() / total).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
         opt.step()
+    return step
 
+
+def bench_torch(cfg: ModelConfig, rl: RLConfig, samples, seq: int, repeats: int) -> float:
+    step = torch_update_step(cfg, rl, samples)
     step()  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
@@ -132,8 +156,7 @@ def main():
     args = parser.parse_args()
 
     cfg = model_config(args.preset)
-    rl = RLConfig(train_batch_size=args.batch, micro_batch_size=args.micro, learning_rate=1e-5,
-                  warmup_ratio=0.0, compute_entropy=False)
+    rl = rl_config(args.batch, args.micro)
     samples = synthetic_samples(cfg, args.batch, args.seq)
     tokens = args.batch * args.seq
     flops = train_flops(cfg, args.batch, args.seq)

@@ -1,0 +1,357 @@
+"""Side-by-side speed: mappa_jax against what a user would pick instead, each system in its own process.
+
+For every workload, every system runs in a fresh worker process (benchmarks/workers/), the processes
+alternating round-robin (the order rotates each round and workload, so no system always runs first
+or right after another). Each worker builds its system, warms up (compilation included, timed apart),
+then times `--repeats` full calls and prints one JSON line. The parent records the 1-minute load
+average before and after each process, measures this machine's ceilings (memory bandwidth, float32
+matmul peak) in a process of its own, and writes a markdown report with medians, min-max spread,
+ratios to mappa_jax and the decode fraction of the memory roofline, plus the raw results as JSON.
+
+    python benchmarks/compare.py                      # everything; writes docs/benchmarks.md (+ .json)
+    python benchmarks/compare.py --quick --out smoke.md   # smoke sizes: checks the machinery only
+    python benchmarks/compare.py --systems mappa_sampler llama_cpp_f32 --workloads sample_b32
+
+A system that cannot run here (package missing, build failed) is reported with its reason.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+WORKERS = BENCHMARKS / "workers"
+RESULT_PREFIX = "BENCH_RESULT "  # benchmarks/workers/common.py prints it
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    worker: str  # file in benchmarks/workers/, or a path
+    kind: str    # the workload kind it runs: "sample" or "update"
+    label: str
+
+
+SYSTEMS = {
+    "mappa_sampler": System("mappa_sampler.py", "sample", "mappa_jax Sampler"),
+    "hf_generate": System("hf_generate.py", "sample", "transformers generate (eager)"),
+    "hf_generate_compiled": System("hf_generate.py", "sample", "transformers generate (static cache + torch.compile)"),
+    "llama_cpp_f32": System("llamacpp.py", "sample", "llama.cpp (llama-cpp-python), F32 GGUF"),
+    "llama_cpp_q4_1": System("llamacpp.py", "sample", "llama.cpp (llama-cpp-python), the Q4_1 GGUF as shipped"),
+    "tunix_sampler": System("tunix_sampler.py", "sample", "Tunix sampler"),
+    "mappa_update": System("mappa_update.py", "update", "mappa_jax policy update"),
+    "torch_update": System("torch_update.py", "update", "PyTorch step (transformers + torch AdamW)"),
+}
+OURS = {"sample": "mappa_sampler", "update": "mappa_update"}
+NOT_ROOFLINE = {"llama_cpp_q4_1": "Q4_1 weights: reads ~1/6 of the float32 bytes"}
+
+
+def workloads(quick: bool) -> list[dict]:
+    """The sampler workload of benchmarks/sampler.py (SmolLM2-135M-Instruct, float32, ~100-token chat
+    prompts, temperature 1, EOS masked so every row decodes new_tokens steps) and the update workload
+    of benchmarks/update.py (one optimizer step over B x T tokens, micro-batches of 4)."""
+    if quick:
+        return [dict(name="sample_b2", kind="sample", batch=2, prompt_tokens=100, new_tokens=8),
+                dict(name="update_tiny", kind="update", preset="tiny", batch=2, micro=2, seq=32)]
+    return [dict(name="sample_b8", kind="sample", batch=8, prompt_tokens=100, new_tokens=256),
+            dict(name="sample_b32", kind="sample", batch=32, prompt_tokens=100, new_tokens=256),
+            dict(name="update_small", kind="update", preset="small", batch=8, micro=4, seq=256),
+            dict(name="update_smollm2", kind="update", preset="smollm2", batch=8, micro=4, seq=256)]
+
+
+def roofline_workload(quick: bool) -> dict:
+    return dict(name="roofline", kind="roofline", copy_mb=64 if quick else 2048, matmul_n=256 if quick else 4096,
+                repeats=2 if quick else 5)
+
+
+def worker_path(system: System) -> pathlib.Path:
+    path = pathlib.Path(system.worker)
+    return path if path.is_absolute() else WORKERS / path
+
+
+def run_worker(name: str, system: System, workload: dict, warmup: int, repeats: int, timeout: float) -> dict:
+    """One fresh process: the worker's JSON line, plus the load average around it."""
+    # a worker still running shortly before the timeout prints its Python stack and exits (see
+    # common.run), so the report says where it hung
+    dump_after = timeout - min(30.0, timeout * 0.1)
+    spec = json.dumps(dict(system=name, workload=workload, warmup=warmup, repeats=repeats,
+                           dump_stack_after_s=dump_after))
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, str(worker_path(system)), "--spec", spec], capture_output=True,
+                              text=True, timeout=timeout, cwd=REPO)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if lines:
+            result = json.loads(lines[-1][len(RESULT_PREFIX):])
+        elif "Timeout (" in proc.stderr:  # faulthandler's stack dump: the worker hung
+            stack = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith("File ")]
+            result = dict(system=name, workload=workload["name"], ok=False,
+                          reason=f"worker hung (no result after {dump_after:.0f} s) in: {' <- '.join(stack[:3])}")
+        else:
+            tail = (proc.stderr.strip() or proc.stdout.strip())[-400:]
+            result = dict(system=name, workload=workload["name"], ok=False,
+                          reason=f"worker exited {proc.returncode} without a result: {tail}")
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        result = dict(system=name, workload=workload["name"], ok=False,
+                      reason=f"worker ran past {timeout:.0f} s: {stderr.strip()[-300:]}")
+    result.update(load_before=load_before, load_after=os.getloadavg()[0], wall_s=time.perf_counter() - start)
+    return result
+
+
+def schedule(names: list[str], loads: list[dict], rounds: int) -> list[tuple[dict, str]]:
+    """(workload, system) launches: per round and workload every system once, the order rotated by
+    one each round and workload."""
+    order = []
+    for r in range(rounds):
+        for w, workload in enumerate(loads):
+            group = [n for n in names if SYSTEMS[n].kind == workload["kind"]]
+            if group:
+                shift = (r + w) % len(group)
+                order += [(workload, n) for n in group[shift:] + group[:shift]]
+    return order
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median and spread of one system's rate (units per second) over all its timed repeats."""
+    ok = [r for r in runs if r["ok"]]
+    if not ok:
+        return dict(ok=False, reason=runs[0]["reason"] if runs else "not run")
+    rates = np.array([r["units_per_call"] / s for r in ok for s in r["seconds"]])
+    seconds = np.array([s for r in ok for s in r["seconds"]])
+    return dict(ok=True, median=float(np.median(rates)), min=float(rates.min()), max=float(rates.max()),
+                seconds_median=float(np.median(seconds)), repeats=int(rates.size), processes=len(ok),
+                units_per_call=ok[0]["units_per_call"],
+                pids=[r["pid"] for r in ok], failed=[r["reason"] for r in runs if not r["ok"]],
+                warmup_s=[round(w, 1) for r in ok for w in r["warmup_s"]],
+                loads=[(round(r["load_before"], 2), round(r["load_after"], 2)) for r in ok], info=ok[0]["info"])
+
+
+def versions() -> dict:
+    names = ["mappa_jax", "jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "accelerate",
+             "tokenizers", "safetensors", "gguf", "google-tunix", "qwix", "llama_cpp_python"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=REPO)
+    return dict(cpu=cpu, cores=len(os.sched_getaffinity(0)), python=platform.python_version(),
+                commit=(commit.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty.stdout.strip() else ""))
+
+
+def decode_roofline(workload: dict, summary: dict, ceilings: dict) -> float | None:
+    """Tokens/s if every decode step only read the float32 weights once plus the live KV cache
+    (mean context: prompt + half the generation) at the best measured copy bandwidth."""
+    if not ceilings or "prompt_tokens_mean" not in summary.get("info", {}):
+        return None
+    bandwidth = max(ceilings["bandwidth_gbs"], ceilings["bandwidth_1thread_gbs"]) * 1e9
+    context = summary["info"]["prompt_tokens_mean"] + workload["new_tokens"] / 2
+    step_bytes = ceilings["param_bytes_f32"] + workload["batch"] * context * ceilings["kv_bytes_per_token_f32"]
+    return workload["batch"] * bandwidth / step_bytes
+
+
+def _ratio(ours: dict, theirs: dict) -> str:
+    if not (ours.get("ok") and theirs.get("ok")):
+        return "-"
+    return (f"{ours['median'] / theirs['median']:.2f}x "
+            f"({ours['min'] / theirs['max']:.2f}-{ours['max'] / theirs['min']:.2f})")
+
+
+def _greedy(ours: dict, theirs: dict) -> str:
+    a, b = ours.get("info", {}).get("greedy_tokens"), theirs.get("info", {}).get("greedy_tokens")
+    if a is None or b is None:
+        return "-"
+    n = min(len(a), len(b))
+    same = next((i for i in range(n) if a[i] != b[i]), n)
+    return f"{same}/{n} same"
+
+
+def _loads(summary: dict) -> str:
+    return ", ".join(f"{a:.1f}->{b:.1f}" for a, b in summary["loads"])
+
+
+def _table(header: list[str], rows: dict, cells) -> list[str]:
+    """One markdown row per system: `cells(name, summary)`, or the reason it did not run."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for n, s in rows.items():
+        body = cells(n, s) if s["ok"] else [f"not run: {s['reason']}"] + [""] * (len(header) - 2)
+        out.append("| " + " | ".join([SYSTEMS[n].label] + body) + " |")
+    return out
+
+
+def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dict, ceiling_run: dict,
+           order: list[dict], started: datetime.datetime, elapsed: float) -> str:
+    host = machine()
+    lines = ["# Benchmarks", ""]
+    if args.quick:
+        lines += ["**Smoke run (`--quick`): tiny sizes that check the machinery, not a measurement.**", ""]
+    lines += [f"Generated by `{command}` on {started:%Y-%m-%d %H:%M} UTC in {elapsed / 60:.1f} min; "
+              f"commit {host['commit']}.", "",
+              f"Machine: {host['cpu']}, {host['cores']} cores, Python {host['python']}. "
+              f"Every system gets all cores (torch.set_num_threads, llama.cpp n_threads, XLA's default).", "",
+              f"Method: each (workload, system) runs in a fresh process; the processes alternate round-robin "
+              f"({args.rounds} round(s), the order rotating every round and workload); each process warms up "
+              f"({args.warmup} call(s), compilation included) and then times {args.repeats} full calls. Figures are "
+              f"the median over all timed calls of all rounds, with min-max in brackets; 'load' is the 1-minute "
+              f"load average before -> after each process. Ratios are mappa_jax's median over the peer's (in "
+              f"brackets: ours' slowest over theirs' fastest, ours' fastest over theirs' slowest).", ""]
+    lines += ["## Machine ceilings", ""]
+    if ceilings:
+        lines += ["| memory bandwidth, copy, all cores | one thread | float32 matmul, NumPy | float32 matmul, jax.jit | load |",
+                  "|---|---|---|---|---|",
+                  f"| {ceilings['bandwidth_gbs']:.1f} GB/s | {ceilings['bandwidth_1thread_gbs']:.1f} GB/s | "
+                  f"{ceilings['numpy_matmul_gflops']:.1f} GFLOP/s | {ceilings['jax_matmul_gflops']:.1f} GFLOP/s | "
+                  f"{ceiling_run['load_before']:.1f}->{ceiling_run['load_after']:.1f} |", "",
+                  f"Bandwidth: read + write bytes of a {ceilings['copy_mb']} MB NumPy copy split over one thread per "
+                  f"core (and over one thread), best of {roofline_workload(args.quick)['repeats']}; matmul: "
+                  f"{ceilings['matmul_n']}x{ceilings['matmul_n']} float32, best of the same. The decode roofline uses "
+                  f"the higher of the two bandwidths.", ""]
+    else:
+        lines += [f"Not measured: {ceiling_run.get('reason', 'skipped')}", ""]
+    for workload in loads:
+        kind, name = workload["kind"], workload["name"]
+        rows = {n: s for (w, n), s in summaries.items() if w == name}
+        if not rows:
+            continue
+        ours = rows.get(OURS[kind], {})
+        if kind == "sample":
+            lines += [f"## Sampler, batch {workload['batch']}: ~{workload['prompt_tokens']}-token chat prompts, "
+                      f"{workload['new_tokens']} new tokens", "",
+                      "SmolLM2-135M-Instruct, weights dequantized from the project's GGUF to float32 (llama.cpp "
+                      "F32: the same tensors written back as an F32 GGUF), temperature 1, no top-k/top-p, EOS masked "
+                      "(or ignored) so every row decodes every step. Tokens/s = generated tokens / wall time of the "
+                      "generate call (prefill included). 'greedy' compares the first greedy tokens of prompt 0 with "
+                      "mappa_jax's (a correctness check of each peer's setup).", ""]
+            roofline = decode_roofline(workload, ours if ours.get("ok") else next(
+                (s for s in rows.values() if s.get("ok")), {}), ceilings)
+            def sample_cells(n, s):
+                fraction = NOT_ROOFLINE.get(n) or (f"{s['median'] / roofline:.0%}" if roofline else "-")
+                return [f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})", f"{s['repeats']} ({s['processes']})",
+                        "-" if n == OURS[kind] else _ratio(ours, s), fraction,
+                        "-" if n == OURS[kind] else _greedy(ours, s), ", ".join(map(str, s["warmup_s"])), _loads(s),
+                        s["info"].get("settings", "")]
+            lines += _table(["system", "tokens/s", "timed calls (processes)", "mappa_jax / system",
+                             "% of decode roofline", "greedy", "warm-up s", "load", "settings"], rows, sample_cells)
+            if roofline:
+                lines += ["", f"Decode roofline: {roofline:.1f} tokens/s (float32 weights "
+                              f"{ceilings['param_bytes_f32'] / 1e6:.0f} MB + KV cache at the mean context, read once "
+                              f"per step); the measured rate includes prefill, so its fraction is a lower bound."]
+        else:
+            lines += [f"## Update: preset {workload['preset']}, {workload['batch']} x {workload['seq']} tokens, "
+                      f"micro-batches of {workload['micro']}", "",
+                      "One optimizer step (PPO-clipped token-mean loss, AdamW, grad clipping) over the same "
+                      "synthetic tokens (benchmarks/update.py). MFU: the model FLOPs (6 x matmul params x tokens "
+                      "+ attention) over the jax.jit matmul peak above.", ""]
+            def update_cells(n, s):
+                units = s["units_per_call"]
+                mfu = (f"{s['info']['train_flops'] * s['median'] / units / (ceilings['jax_matmul_gflops'] * 1e9):.0%}"
+                       if ceilings and "train_flops" in s["info"] else "-")
+                return [f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})", f"{s['median'] / units:.3f}",
+                        f"{s['repeats']} ({s['processes']})", "-" if n == OURS[kind] else _ratio(ours, s), mfu,
+                        ", ".join(map(str, s["warmup_s"])), _loads(s)]
+            lines += _table(["system", "tokens/s", "steps/s", "timed steps (processes)", "mappa_jax / system", "MFU",
+                             "warm-up s", "load"], rows, update_cells)
+        failed = [(n, f) for n, s in rows.items() if s.get("ok") for f in s["failed"]]
+        lines += [""] + [f"- {SYSTEMS[n].label}: a process failed: {f}" for n, f in failed] + ([""] if failed else [])
+    lines += ["## Order of runs", "", "| # | workload | system | pid | load | wall s | result |", "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(order):
+        lines.append(f"| {i + 1} | {r['workload']} | {r['system']} | {r.get('pid', '-')} | "
+                     f"{r['load_before']:.1f}->{r['load_after']:.1f} | {r['wall_s']:.0f} | "
+                     f"{'ok' if r['ok'] else r['reason'][:120]} |")
+    lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in versions().items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke sizes (checks the machinery, measures nothing)")
+    parser.add_argument("--systems", nargs="+", default=None, help=f"default: all of {sorted(SYSTEMS)}")
+    parser.add_argument("--workloads", nargs="+", default=None, help="names from workloads(); default: all")
+    parser.add_argument("--rounds", type=int, default=1, help="processes per (workload, system), alternating; "
+                        "2 halves the effect of load drift and doubles the time")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed-for-the-median calls per process")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per process")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per process (default 3600, quick 600)")
+    parser.add_argument("--no-roofline", action="store_true", help="skip measuring the machine's ceilings")
+    parser.add_argument("--extra-system", action="append", default=[], metavar="NAME:KIND:WORKER",
+                        help="add a system run by worker file WORKER on workloads of KIND (tests use this)")
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"), help="markdown report; raw results "
+                        "go next to it as .json")
+    args = parser.parse_args(argv)
+    timeout = args.timeout or (600 if args.quick else 3600)
+    for extra in args.extra_system:
+        name, kind, worker = extra.split(":", 2)
+        SYSTEMS[name] = System(worker, kind, name)
+    names = args.systems or list(SYSTEMS)
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown systems {unknown}; known: {sorted(SYSTEMS)}")
+    loads = [w for w in workloads(args.quick) if args.workloads is None or w["name"] in args.workloads]
+    command = "python benchmarks/compare.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    started, t0 = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+
+    ceiling_run = dict(ok=False, reason="--no-roofline")
+    if not args.no_roofline:
+        print("measuring the machine's ceilings ...", flush=True)
+        ceiling_run = run_worker("roofline", System("roofline.py", "roofline", "roofline"),
+                                 roofline_workload(args.quick), 0, 1, timeout)
+    ceilings = ceiling_run["info"] if ceiling_run["ok"] else {}
+
+    runs, unavailable = [], {}
+    for workload, name in schedule(names, loads, args.rounds):
+        if name in unavailable:  # a missing package stays missing: report it once, run nothing more
+            continue
+        print(f"[{len(runs) + 1}] {workload['name']}: {name} ...", end=" ", flush=True)
+        result = run_worker(name, SYSTEMS[name], workload, args.warmup, args.repeats, timeout)
+        runs.append(result)
+        if result["ok"]:
+            rates = [result["units_per_call"] / s for s in result["seconds"]]
+            print(f"{np.median(rates):.1f} units/s (load {result['load_before']:.1f}->{result['load_after']:.1f})",
+                  flush=True)
+        else:
+            print(f"not run: {result['reason']}", flush=True)
+            if result.get("unavailable"):
+                unavailable[name] = result["reason"]
+    summaries = {(w["name"], n): summarize([r for r in runs if r["workload"] == w["name"] and r["system"] == n])
+                 for w in loads for n in names if SYSTEMS[n].kind == w["kind"]}
+    elapsed = time.perf_counter() - t0
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report(args, command, loads, summaries, ceilings, ceiling_run, runs, started, elapsed))
+    raw = dict(command=command, started=started.isoformat(), elapsed_s=elapsed, ceilings=ceiling_run, runs=runs,
+               summaries={f"{w}/{n}": s for (w, n), s in summaries.items()}, versions=versions())
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.json')} ({elapsed / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

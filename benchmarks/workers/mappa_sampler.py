@@ -1,0 +1,48 @@
+"""Worker: mappa_jax's Sampler on SmolLM2-135M-Instruct (float32 weights from the GGUF)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import common  # noqa: E402
+
+
+def prepare(workload: dict, system: str) -> common.Prepared:
+    import jax
+    import numpy as np
+    from mappa_jax.models import weights
+    from mappa_jax.sampling import Sampler, SamplerConfig
+
+    batch, new_tokens = workload["batch"], workload["new_tokens"]
+    prompts, path = common.smollm2_prompts(batch, workload["prompt_tokens"])
+    cfg, state = weights.load_gguf(path)
+    width = max(map(len, prompts))
+    sampler = Sampler(cfg, SamplerConfig(batch_buckets=(1, batch), prompt_buckets=(width,),
+                                         generation_buckets=(new_tokens,)))
+    compile_seconds = [0.0]
+
+    def count_compile(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compile_seconds[0] += seconds
+    jax.monitoring.register_event_duration_secs_listener(count_compile)
+
+    def call(seed: int):
+        # stop_token_ids=[]: an EOS does not end a row, so every row decodes new_tokens steps.
+        out = sampler.generate(state, prompts, max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=[],
+                               seed=seed)
+        common.check_lengths(out.lengths, batch, new_tokens, "mappa_jax")
+
+    def check() -> dict:
+        compile_s = compile_seconds[0]  # of the timed shapes only; the greedy check compiles batch 1
+        greedy = common.greedy_count(workload)
+        out = sampler.generate(state, prompts[:1], max_new_tokens=greedy, temperature=0.0, stop_token_ids=[])
+        return {"greedy_tokens": out.tokens[0, :greedy].tolist(),
+                "compile_s": round(compile_s, 2), "cache_dtype": np.dtype(sampler.cache_dtype).name,
+                "param_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state)))}
+
+    return common.Prepared(call, batch * new_tokens, dict(common.prompt_info(prompts), settings="float32, stop_token_ids=[]"), check)
+
+
+if __name__ == "__main__":
+    common.run(prepare)

@@ -1,0 +1,112 @@
+"""benchmarks/compare.py, the machinery (not the figures): every (workload, system) run is its own
+process, the processes alternate round-robin, the medians and spread come from the workers' raw
+timings, a system that cannot run is reported once with its reason, and the report is written where
+asked. Fake workers (cheap, deterministic timings) stand in for the peers; one test runs the real
+mappa_jax update worker at smoke size."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FAKE_WORKER = """
+import sys, time
+sys.path.insert(0, {workers!r})
+import common
+
+def prepare(workload, system):
+    if system == "fake_missing":
+        raise common.Unavailable("fake_missing: package not installed")
+    pause = 0.01 if system == "fake_a" else 0.02
+    # calls take different times (seed = repeat index), so median, min and max differ
+    return common.Prepared(lambda seed: time.sleep(pause * (1 + seed % 3)), 100, {{"settings": "fake"}})
+
+common.run(prepare)
+"""
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("compare", REPO / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path, systems, extra, rounds, repeats="3", warmup="1", more=()):
+    out = tmp_path / "report.md"
+    argv = [*more, "--quick", "--no-roofline", "--workloads", "update_tiny", "--rounds", str(rounds), "--repeats", repeats,
+            "--warmup", warmup, "--out", str(out), "--systems", *systems]
+    for e in extra:
+        argv += ["--extra-system", e]
+    _compare().main(argv)
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_processes_alternate_and_medians_come_from_the_raw_timings(tmp_path):
+    worker = tmp_path / "fake_worker.py"
+    worker.write_text(FAKE_WORKER.format(workers=str(REPO / "benchmarks" / "workers")))
+    systems = ["fake_a", "fake_b", "fake_missing"]
+    out, raw = _run(tmp_path, systems, [f"{s}:update:{worker}" for s in systems], rounds=3)
+
+    order = [r["system"] for r in raw["runs"]]
+    # the missing peer is tried once (round 1) and then skipped; the others rotate every round
+    assert order == ["fake_a", "fake_b", "fake_missing", "fake_b", "fake_a", "fake_a", "fake_b"]
+    pids = [r["pid"] for r in raw["runs"]]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids  # one fresh process per run
+    for r in raw["runs"]:
+        assert r["load_after"] >= 0 and r["load_before"] >= 0
+
+    for name in ("fake_a", "fake_b"):
+        ok = [r for r in raw["runs"] if r["system"] == name]
+        rates = [r["units_per_call"] / s for r in ok for s in r["seconds"]]
+        summary = raw["summaries"][f"update_tiny/{name}"]
+        assert len(rates) == 9 and summary["repeats"] == 9 and summary["processes"] == 3
+        assert summary["median"] == pytest.approx(float(np.median(rates)))
+        assert (summary["min"], summary["max"]) == pytest.approx((min(rates), max(rates)))
+        assert summary["pids"] == [r["pid"] for r in ok]
+    a, b = raw["summaries"]["update_tiny/fake_a"], raw["summaries"]["update_tiny/fake_b"]
+    assert a["median"] > 1.5 * b["median"]  # fake_b sleeps twice as long
+
+    text = out.read_text()
+    assert "Smoke run" in text and "python benchmarks/compare.py --quick" in text
+    assert f"{a['median']:.0f} ({a['min']:.0f}-{a['max']:.0f})" in text
+    assert "not run: fake_missing: package not installed" in text
+    assert raw["summaries"]["update_tiny/fake_missing"] == {"ok": False,
+                                                            "reason": "fake_missing: package not installed"}
+
+
+def test_a_worker_that_crashes_is_reported_not_dropped(tmp_path):
+    worker = tmp_path / "crash_worker.py"
+    worker.write_text("import sys\nsys.exit('boom: no result line')\n")
+    out, raw = _run(tmp_path, ["crasher"], [f"crasher:update:{worker}"], rounds=1)
+    assert not raw["runs"][0]["ok"] and "boom: no result line" in raw["runs"][0]["reason"]
+    assert "not run: worker exited 1 without a result: boom" in out.read_text()
+
+
+def test_a_worker_that_hangs_says_where(tmp_path):
+    worker = tmp_path / "hang_worker.py"
+    worker.write_text(f"import sys, time\nsys.path.insert(0, {str(REPO / 'benchmarks' / 'workers')!r})\n"
+                      "import common\n\ndef stuck_in_native_code(workload, system):\n    time.sleep(60)\n\n"
+                      "common.run(stuck_in_native_code)\n")
+    out, raw = _run(tmp_path, ["hanger"], [f"hanger:update:{worker}"], rounds=1, more=("--timeout", "4"))
+    reason = raw["runs"][0]["reason"]
+    assert reason.startswith("worker hung") and "stuck_in_native_code" in reason, reason
+    assert raw["runs"][0]["wall_s"] < 4
+
+
+def test_the_mappa_update_worker_at_smoke_size(tmp_path):
+    """The real JAX worker against a fake peer: the ratio is ours' median over theirs."""
+    worker = tmp_path / "fake_worker.py"
+    worker.write_text(FAKE_WORKER.format(workers=str(REPO / "benchmarks" / "workers")))
+    out, raw = _run(tmp_path, ["mappa_update", "fake_a"], [f"fake_a:update:{worker}"], rounds=1, repeats="2")
+    ours, peer = raw["summaries"]["update_tiny/mappa_update"], raw["summaries"]["update_tiny/fake_a"]
+    assert ours["ok"], ours
+    assert ours["units_per_call"] == 2 * 32 and ours["repeats"] == 2 and ours["pids"][0] != peer["pids"][0]
+    assert f"{ours['median'] / peer['median']:.2f}x" in out.read_text()
