@@ -80,9 +80,11 @@ def test_paper_architectures_without_weights():
     qwen = architecture(config_from_file(CONFIGS[0].with_name("mathchat_qwen3_4b.py")).model)
     assert (qwen.family, qwen.num_layers, qwen.hidden_size, qwen.rope_theta) == ("qwen3", 36, 2560, 5e6)
     assert qwen.num_params() == pytest.approx(4.02e9, rel=0.01)
+    assert qwen.eos_token_ids == (151645, 151643)   # <|im_end|>, then generation_config's <|endoftext|>
     r1 = architecture(config_from_file(CONFIGS[0].with_name("mathchat_r1_distill_1p5b.py")).model)
     assert (r1.family, r1.qkv_bias, r1.tie_word_embeddings) == ("qwen2", True, False)
     assert r1.num_params() == pytest.approx(1.777e9, rel=0.01)
+    assert r1.eos_token_ids == (151643,)
     assert "Qwen/Qwen3-4B" in KNOWN_ARCHITECTURES
 
 

@@ -13,11 +13,13 @@ from mappa_jax.models.config import ModelConfig
 
 # The architecture fields of each model's config.json as published on the Hugging Face hub
 # (huggingface.co/<id>/blob/main/config.json); ModelConfig.from_hf reads them like the file.
+# eos_token_id lists config.json's id and then generation_config.json's, as from_hf merges them
+# from a snapshot (Qwen3 stops at <|im_end|> 151645 or <|endoftext|> 151643).
 _QWEN3_4B = {
     "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
     "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
     "rms_norm_eps": 1e-6, "rope_theta": 1000000, "max_position_embeddings": 40960,
-    "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+    "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": [151645, 151643],
 }
 KNOWN_ARCHITECTURES: dict[str, dict] = {
     "Qwen/Qwen3-4B": _QWEN3_4B,
