@@ -172,7 +172,7 @@ class PolicyUpdater:
         model = nnx.merge(self.graphdef, base)
         adapters = None if lora is None else nnx.merge(self.lora_graphdef, lora)
         hidden, _ = model(tokens, positions_from_mask(attention_mask), attention_mask, lora=adapters,
-                          return_hidden=True)
+                          return_hidden=True, activation_sharding=batch_sharding(self.mesh, 3))
         # Position t - 1 predicts token t: the vocabulary head runs on the window only.
         logp, entropy = window_logprobs(model.head, hidden[:, start - 1:-1], tokens[:, start:], temperatures,
                                         with_entropy, self.logits_chunk)
