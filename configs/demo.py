@@ -65,8 +65,9 @@ def get_config():
     c.sampler.prompt_buckets = (144, 192)
     c.sampler.generation_buckets = (48,)
 
-    c.rl.learning_rate = 1e-3       # LoRA adapters take a far larger step than full finetuning's 1e-6:
-                                    # 10 optimizer steps per agent in the whole run
+    c.rl.learning_rate = 5e-4       # LoRA adapters take a far larger step than full finetuning's 1e-6:
+                                    # 10 optimizer steps per agent in the whole run (1e-3 overshoots:
+                                    # held-out 0.281 / 0.094 at seeds 0 / 1, against 0.969 / 0.250 here)
     c.rl.warmup_ratio = 0.0
     c.rl.train_batch_size = 8       # two optimizer steps per agent per step; 16 rows = one update shape
     c.rl.micro_batch_size = 8
