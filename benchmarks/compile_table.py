@@ -27,25 +27,48 @@ def _name(config: str, target: str) -> str:
     return f"{pathlib.Path(config).stem}__{target}"
 
 
-def compile_all(work: pathlib.Path, configs, targets) -> None:
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def compile_all(work: pathlib.Path, configs, targets, only: str = "") -> None:
+    """Compiles each (config, target) without a report under `work`; with `only`, recompiles just the
+    programs whose name contains it in every report (after a change to them) and merges them in."""
     work.mkdir(parents=True, exist_ok=True)
     for config in configs:
         for target in targets:
             out = work / f"{_name(config, target)}.json"
-            if out.exists():
+            if out.exists() != bool(only):
                 continue
+            part = out.with_suffix(".part.json") if only else out
             cmd = [sys.executable, "-m", "mappa_jax.compile", f"--config={config}", f"--target={target}",
-                   *TARGETS[target], f"--json={out}"]
+                   *TARGETS[target], f"--json={part}"] + ([f"--only={only}"] if only else [])
             print("$", " ".join(cmd), flush=True)
             start = time.perf_counter()
-            with open(work / f"{_name(config, target)}.log", "w") as log:
+            log_name = f"{_name(config, target)}{'.' + only.replace(' ', '_') if only else ''}.log"
+            with open(work / log_name, "w") as log:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
             wall = time.perf_counter() - start
             print(f"  rc {rc}, {wall:.0f} s", flush=True)
-            if out.exists():
-                data = json.loads(out.read_text())
+            if not part.exists():
+                continue
+            data = json.loads(part.read_text())
+            for program in data["programs"]:
+                program["commit"] = _commit()
+            if only:
+                merged = json.loads(out.read_text())
+                fresh = {p["name"]: p for p in data["programs"]}
+                merged["programs"] = [fresh.pop(p["name"], p) for p in merged["programs"]] + list(fresh.values())
+                merged.setdefault("recompiled", []).append({"only": only, "wall_s": wall, "rc": rc})
+                part.unlink()
+                data = merged
+            else:
                 data.update(config=config, overrides=list(TARGETS[target]), wall_s=wall, rc=rc)
-                out.write_text(json.dumps(data, indent=1))
+            out.write_text(json.dumps(data, indent=1))
 
 
 def _gib(n) -> str:
@@ -88,9 +111,11 @@ def _estimates(config: str, data: dict) -> dict[str, int]:
 
 def render(work: pathlib.Path) -> str:
     rows = ["| config | target (mesh) | program | XLA: args / temp / out - alias | XLA per device, with resident state "
-            "| estimator | est. vs XLA | fits | compile s | note |", "|" + "---|" * 10]
+            "| estimator | est. vs XLA | fits | compile s | commit | note |", "|" + "---|" * 11]
     walls, missing = [], []
     for path in sorted(work.glob("*.json")):
+        if path.name.endswith(".part.json"):  # a recompile that did not finish
+            continue
         data = json.loads(path.read_text())
         config = path.stem.split("__")[0]
         mesh = "x".join(str(data["mesh"][a]) for a in ("data", "fsdp", "tensor"))
@@ -115,15 +140,17 @@ def render(work: pathlib.Path) -> str:
             fits = {True: "yes", False: "**no**", None: "?"}[p["fits"]]
             rows.append(f"| {config} | {target} | {p['name']} | {xla} | "
                         f"{needed} | {_gib(p['estimate'])} | "
-                        f"{diff:+.0%} | {fits} ({_gib(memory)}) | {p['compile_s']:.0f} | {note} |")
+                        f"{diff:+.0%} | {fits} ({_gib(memory)}) | {p['compile_s']:.0f} | {p.get('commit', '-')} | {note} |")
     header = ("GiB per device. XLA's figures are `compiled.memory_analysis()` of each program compiled by "
               "`mappa-compile` for the target (libtpu's topology description, on a CPU-only machine); "
               "\"with resident state\" adds the run's other resident state (every policy's weights, optimizer "
               "state and reference) that the program does not take as arguments. The estimator is "
-              "`mappa_jax/parallel/memory_check.py` (resident + that program's term). Whole-run compile "
+              "`mappa_jax/parallel/memory_check.py` (resident + that program's term). \"commit\" is the code that "
+              "compiled the row (rows \"before 0ac4fc1\" predate the update's fix for its hoisted attention "
+              "masks and replicated activations). Whole-run compile "
               "wall times on 2 shared CPU cores (each program's own time is in its row): "
               + ("; ".join(walls) or "none finished") + ".")
-    started = {path.stem for path in work.glob("*.json")}
+    started = {path.stem for path in work.glob("*.json") if not path.name.endswith(".part.json")}
     missing += [f"{pathlib.Path(c).stem} on {t}: all programs" for c in CONFIGS for t in TARGETS
                 if _name(c, t) not in started]
     footer = ("\n\nNot compiled yet (the compiles ran out of time): " + "; ".join(missing) + ".\n") if missing else ""
@@ -135,12 +162,14 @@ def main() -> None:
     parser.add_argument("--out", default="docs/paper_compile_table.md")
     parser.add_argument("--work", default="runs/compile_table")
     parser.add_argument("--render", action="store_true", help="only rebuild the markdown from --work")
+    parser.add_argument("--only", default="", help="recompile only the programs whose name contains this "
+                        "in every existing report, and merge them in (after a change to those programs)")
     parser.add_argument("--configs", nargs="*", default=CONFIGS)
     parser.add_argument("--targets", nargs="*", default=tuple(TARGETS))
     args = parser.parse_args()
     work = pathlib.Path(args.work)
     if not args.render:
-        compile_all(work, args.configs, args.targets)
+        compile_all(work, args.configs, args.targets, args.only)
     pathlib.Path(args.out).write_text(render(work))
     print(f"wrote {args.out}")
 
