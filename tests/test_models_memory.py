@@ -149,3 +149,33 @@ def test_compiled_memory_drops_at_1024_tokens():
           + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items()))
     assert sizes["blockwise+remat"] * 8 <= sizes["dense"]
     assert sizes["blockwise"] * 4 <= sizes["dense"]
+
+
+def _arrays_in(jaxpr):
+    """Every array value an equation of `jaxpr` or of its sub-jaxprs (scan bodies, custom rules) makes."""
+    for eqn in jaxpr.eqns:
+        yield from (v.aval for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _arrays_in(inner)
+
+
+def test_backprop_keeps_no_mask_per_key_block():
+    """The blockwise masks depend only on the slots and the key mask, the same in every layer; JAX
+    must not hoist them out of the differentiated layer scan as [blocks, B, Hkv, G, T, block]
+    (the heads' broadcast of every block's mask; 49 GiB per device on a 28k-token Qwen3-4B update)."""
+    cfg = ModelConfig.tiny("qwen3", attention_impl="blockwise", attention_block_size=64, remat=True,
+                           max_position_embeddings=1024)
+    graphdef, state = _split(cfg)
+    tokens, mask = jnp.ones((2, 512), jnp.int32), jnp.ones((2, 512), bool)
+
+    def loss(state):
+        hidden, _ = nnx.merge(graphdef, state)(tokens, positions_from_mask(mask), mask, return_hidden=True)
+        return jnp.sum(hidden)
+
+    scores_size = 2 * cfg.num_heads * 512 * 512  # B x heads x T x S
+    masks = [a for a in _arrays_in(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+             if getattr(a, "dtype", None) == jnp.bool_ and a.size >= scores_size]
+    assert not masks, masks

@@ -64,6 +64,15 @@ SCRIPT = textwrap.dedent('''
             "metric_diff": max(abs(m1[k] - m8[k]) / max(1.0, abs(m1[k])) for k in m1),
             "moved": max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(start))),
             "specs": specs, "donated": donated}
+    # On fsdp=4 each device updates 1 of a micro-batch's 4 rows: its residual stream [1, T, H] and
+    # MLP activations [1, T, F], not all 4 rows with the weights' FSDP split (XLA's choice unconstrained).
+    import re
+    mesh4 = make_mesh(data=1, fsdp=4, devices=jax.devices()[:4])
+    up4 = PolicyUpdater(graphdef, rl, mesh4)
+    pol4 = up4.new_full_agent(state)
+    exp4 = prepare_experiences(up4, {"a": pol4}, {"a": exp})[0]["a"]
+    hlo = up4._update_fn(pol4, exp4).lower(pol4.state, pol4.frozen, exp4).compile().as_text()
+    out["mlp_rows_per_device"] = sorted({int(r) for r in re.findall(r"\[(\d+),10,64\]", hlo)})
     print("RESULT", json.dumps(out))
 ''')
 
@@ -83,3 +92,4 @@ def test_sharded_update_equals_unsharded():
         assert r["metric_diff"] <= 1e-5, (mode, r)
         assert r["donated"], f"{mode}: the train state was not donated"
         assert any("fsdp" in s for s in r["specs"]) and any("tensor" in s for s in r["specs"]), (mode, r)
+    assert result["mlp_rows_per_device"] == [1], result["mlp_rows_per_device"]
