@@ -38,9 +38,10 @@ setup(
     ],
     extras_require={
         # transformers' PyTorch models are the independent reference in parity tests; pin the
-        # CPU wheel (a looser spec pulls a multi-GB CUDA build).
+        # CPU wheel (a looser spec pulls a multi-GB CUDA build). libtpu (the tpu extra) lets
+        # tests/test_compile.py compile a run for a TPU slice; the tests run JAX on CPU.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "accelerate>=1.0", "nbformat>=5.10",
-                 "scipy>=1.11"],
+                 "scipy>=1.11", "jax[tpu]==0.10.2"],
         "wandb": ["wandb>=0.18"],
         # benchmarks/compare.py's peers. llama-cpp-python builds llama.cpp from source (about 40 min
         # on 2 busy cores). google-tunix pins safetensors<0.8, so pip resolves an older transformers
