@@ -86,9 +86,15 @@ def _why(p: dict) -> str:
                     "the estimator counts one cache updated in place")
         return (f"XLA's temporaries ({gib(p['temporaries'])}) hold about one more KV cache ({gib(p['outputs'])}); "
                 "the estimator counts one cache updated in place")
-    if p["name"] == "update":
-        return (f"XLA's temporaries ({gib(p['temporaries'])}) exceed the estimator's gradients + activations + "
-                "logits; the excess is not broken down yet")
+    if p["name"] == "update" and p.get("commit") == "before 0ac4fc1":
+        return ("compiled before 0ac4fc1, which removed the update's hoisted per-block attention masks and "
+                "its replicated rows")
+    if p["name"].startswith("prefill") and p["needed"] > p["estimate"]:
+        gap = p["needed"] - p["estimate"]
+        return (f"XLA's temporaries ({gib(p['temporaries'])}) exceed the estimator's prompt cache and one layer's "
+                f"work by {gib(gap)}, about {gap / p['outputs']:.1f}x the grown KV cache the program outputs "
+                f"({gib(p['outputs'])}): the cache looks built in temporaries, then copied out (not confirmed "
+                "from XLA's buffer assignment yet)")
     return "not broken down yet"
 
 
