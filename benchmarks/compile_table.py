@@ -48,6 +48,7 @@ def compile_all(work: pathlib.Path, configs, targets, only: str = "") -> None:
             cmd = [sys.executable, "-m", "mappa_jax.compile", f"--config={config}", f"--target={target}",
                    *TARGETS[target], f"--json={part}"] + ([f"--only={only}"] if only else [])
             print("$", " ".join(cmd), flush=True)
+            commit = _commit()  # the code that compiles this report
             start = time.perf_counter()
             log_name = f"{_name(config, target)}{'.' + only.replace(' ', '_') if only else ''}.log"
             with open(work / log_name, "w") as log:
@@ -58,7 +59,7 @@ def compile_all(work: pathlib.Path, configs, targets, only: str = "") -> None:
                 continue
             data = json.loads(part.read_text())
             for program in data["programs"]:
-                program["commit"] = _commit()
+                program["commit"] = commit
             if only:
                 merged = json.loads(out.read_text())
                 fresh = {p["name"]: p for p in data["programs"]}
@@ -86,9 +87,6 @@ def _why(p: dict) -> str:
                     "the estimator counts one cache updated in place")
         return (f"XLA's temporaries ({gib(p['temporaries'])}) hold about one more KV cache ({gib(p['outputs'])}); "
                 "the estimator counts one cache updated in place")
-    if p["name"] == "update" and p.get("commit") == "before 0ac4fc1":
-        return ("compiled before 0ac4fc1, which removed the update's hoisted per-block attention masks and "
-                "its replicated rows")
     if p["name"].startswith("prefill") and p["needed"] > p["estimate"]:
         gap = p["needed"] - p["estimate"]
         return (f"XLA's temporaries ({gib(p['temporaries'])}) exceed the estimator's prompt cache and one layer's "
@@ -152,8 +150,7 @@ def render(work: pathlib.Path) -> str:
               "\"with resident state\" adds the run's other resident state (every policy's weights, optimizer "
               "state and reference) that the program does not take as arguments. The estimator is "
               "`mappa_jax/parallel/memory_check.py` (resident + that program's term). \"commit\" is the code that "
-              "compiled the row (rows \"before 0ac4fc1\" predate the update's fix for its hoisted attention "
-              "masks and replicated activations). Whole-run compile "
+              "compiled the row (`--only` recompiles some programs after a change; the others keep theirs). Whole-run compile "
               "wall times on 2 shared CPU cores (each program's own time is in its row): "
               + ("; ".join(walls) or "none finished") + ".")
     started = {path.stem for path in work.glob("*.json") if not path.name.endswith(".part.json")}

@@ -38,6 +38,7 @@ def test_tiny_run_compiles_for_cpu_8_and_names_what_does_not_fit(tmp_path):
     sampler programs that do not fit and settings by --config keys."""
     out = tmp_path / "report.json"
     result = _compile(["--target=cpu:8", *TINY_ON_8, "--config.mesh.device_memory_gib=0.03", f"--json={out}"])
+    assert out.exists(), result.stderr[-3000:] + result.stdout[-3000:]
     summary = json.loads(out.read_text())
     assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     _check_tiny_reports(summary, 8)

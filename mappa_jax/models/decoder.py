@@ -149,7 +149,7 @@ def _layer_local(k, *arrays):
     built from these alone, the same in every layer, so when JAX differentiates the layer scan it
     hoists them out of the loop and keeps every key block's mask broadcast to the scores' shape,
     [n, B, Hkv, G, T, block] (2 x 24.5 GiB per device in a 28k-token Qwen3-4B update); tied to k,
-    they are built block by block inside the loop. The barrier costs nothing at run time."""
+    they are built block by block inside the loop. The barrier moves no data."""
     return jax.lax.optimization_barrier((k, *arrays))[1:]
 
 
