@@ -38,34 +38,40 @@ RESULT_PREFIX = "BENCH_RESULT "  # benchmarks/workers/common.py prints it
 
 @dataclasses.dataclass(frozen=True)
 class System:
-    worker: str  # file in benchmarks/workers/, or a path
-    kind: str    # the workload kind it runs: "sample" or "update"
+    worker: str        # file in benchmarks/workers/, or a path
+    kinds: tuple       # the workload kinds it runs: "sample", "sample_eos", "update"
     label: str
 
 
 SYSTEMS = {
-    "mappa_sampler": System("mappa_sampler.py", "sample", "mappa_jax Sampler"),
-    "hf_generate": System("hf_generate.py", "sample", "transformers generate (eager)"),
-    "hf_generate_compiled": System("hf_generate.py", "sample", "transformers generate (static cache + torch.compile)"),
-    "llama_cpp_f32": System("llamacpp.py", "sample", "llama.cpp (llama-cpp-python), F32 GGUF"),
-    "llama_cpp_q4_1": System("llamacpp.py", "sample", "llama.cpp (llama-cpp-python), the Q4_1 GGUF as shipped"),
-    "tunix_sampler": System("tunix_sampler.py", "sample", "Tunix sampler"),
-    "mappa_update": System("mappa_update.py", "update", "mappa_jax policy update"),
-    "torch_update": System("torch_update.py", "update", "PyTorch step (transformers + torch AdamW)"),
+    "mappa_sampler": System("mappa_sampler.py", ("sample", "sample_eos"), "mappa_jax Sampler"),
+    "mappa_sampler_whole_batch": System("mappa_sampler.py", ("sample_eos",),
+                                        "mappa_jax Sampler, every row to the end (compact_rows=False)"),
+    "hf_generate": System("hf_generate.py", ("sample",), "transformers generate (eager)"),
+    "hf_generate_compiled": System("hf_generate.py", ("sample",), "transformers generate (static cache + torch.compile)"),
+    "llama_cpp_f32": System("llamacpp.py", ("sample",), "llama.cpp (llama-cpp-python), F32 GGUF"),
+    "llama_cpp_q4_1": System("llamacpp.py", ("sample",), "llama.cpp (llama-cpp-python), the Q4_1 GGUF as shipped"),
+    "tunix_sampler": System("tunix_sampler.py", ("sample",), "Tunix sampler"),
+    "mappa_update": System("mappa_update.py", ("update",), "mappa_jax policy update"),
+    "torch_update": System("torch_update.py", ("update",), "PyTorch step (transformers + torch AdamW)"),
 }
-OURS = {"sample": "mappa_sampler", "update": "mappa_update"}
+OURS = {"sample": "mappa_sampler", "sample_eos": "mappa_sampler", "update": "mappa_update"}
 NOT_ROOFLINE = {"llama_cpp_q4_1": "Q4_1 weights: reads ~1/6 of the float32 bytes"}
 
 
 def workloads(quick: bool) -> list[dict]:
     """The sampler workload of benchmarks/sampler.py (SmolLM2-135M-Instruct, float32, ~100-token chat
     prompts, temperature 1, EOS masked so every row decodes new_tokens steps) and the update workload
-    of benchmarks/update.py (one optimizer step over B x T tokens, micro-batches of 4)."""
+    of benchmarks/update.py (one optimizer step over B x T tokens, micro-batches of 4). sample_eos:
+    the same prompts with EOS ending a row, as in training, where rows stop at different steps: our
+    sampler with and without dropping stopped rows (same seeds, so the same tokens)."""
     if quick:
         return [dict(name="sample_b2", kind="sample", batch=2, prompt_tokens=100, new_tokens=8),
+                dict(name="sample_b4_eos", kind="sample_eos", batch=4, prompt_tokens=0, new_tokens=8),
                 dict(name="update_tiny", kind="update", preset="tiny", batch=2, micro=2, seq=32)]
     return [dict(name="sample_b8", kind="sample", batch=8, prompt_tokens=100, new_tokens=256),
             dict(name="sample_b32", kind="sample", batch=32, prompt_tokens=100, new_tokens=256),
+            dict(name="sample_b32_eos", kind="sample_eos", batch=32, prompt_tokens=0, new_tokens=256),
             dict(name="update_small", kind="update", preset="small", batch=8, micro=4, seq=256),
             dict(name="update_smollm2", kind="update", preset="smollm2", batch=8, micro=4, seq=256)]
 
@@ -117,7 +123,7 @@ def schedule(names: list[str], loads: list[dict], rounds: int) -> list[tuple[dic
     order = []
     for r in range(rounds):
         for w, workload in enumerate(loads):
-            group = [n for n in names if SYSTEMS[n].kind == workload["kind"]]
+            group = [n for n in names if workload["kind"] in SYSTEMS[n].kinds]
             if group:
                 shift = (r + w) % len(group)
                 order += [(workload, n) for n in group[shift:] + group[:shift]]
@@ -129,7 +135,8 @@ def summarize(runs: list[dict]) -> dict:
     ok = [r for r in runs if r["ok"]]
     if not ok:
         return dict(ok=False, reason=runs[0]["reason"] if runs else "not run")
-    rates = np.array([r["units_per_call"] / s for r in ok for s in r["seconds"]])
+    rates = np.array([u / s for r in ok for u, s in zip(r.get("units", [r["units_per_call"]] * len(r["seconds"])),
+                                                         r["seconds"])])
     seconds = np.array([s for r in ok for s in r["seconds"]])
     return dict(ok=True, median=float(np.median(rates)), min=float(rates.min()), max=float(rates.max()),
                 seconds_median=float(np.median(seconds)), repeats=int(rates.size), processes=len(ok),
@@ -264,6 +271,22 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                 lines += ["", f"Decode roofline: {roofline:.1f} tokens/s (float32 weights "
                               f"{ceilings['param_bytes_f32'] / 1e6:.0f} MB + KV cache at the mean context, read once "
                               f"per step); the measured rate includes prefill, so its fraction is a lower bound."]
+        elif kind == "sample_eos":
+            lines += [f"## Sampler, batch {workload['batch']}, rows stopping at EOS: up to {workload['new_tokens']} "
+                      "new tokens", "",
+                      "SmolLM2-135M-Instruct as above, temperature 1, EOS ending a row, as in training; the chat "
+                      "requests (benchmarks/sampler.py REQUESTS) ask for a yes/no, a name, three bullet points or a "
+                      "step-by-step explanation, so rows stop at very different steps. Both runs use the same seeds and so "
+                      "produce the same tokens; one drops the rows that stopped whenever the rest fit a smaller batch "
+                      "bucket (powers of two), the other decodes every row until the last one stops. Tokens/s = "
+                      "generated tokens (up to each row's EOS) / wall time; row-steps = rows x decode steps computed "
+                      "in the last timed call.", ""]
+            def eos_cells(n, s):
+                return [f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})", f"{s['repeats']} ({s['processes']})",
+                        "-" if n == OURS[kind] else _ratio(ours, s), str(s["info"].get("row_steps", "-")),
+                        str(s["info"].get("generated_tokens", "-")), ", ".join(map(str, s["warmup_s"])), _loads(s)]
+            lines += _table(["system", "tokens/s", "timed calls (processes)", "mappa_jax / system", "row-steps",
+                             "tokens", "warm-up s", "load"], rows, eos_cells)
         else:
             lines += [f"## Update: preset {workload['preset']}, {workload['batch']} x {workload['seq']} tokens, "
                       f"micro-batches of {workload['micro']}", "",
@@ -310,7 +333,7 @@ def main(argv=None):
     timeout = args.timeout or (600 if args.quick else 3600)
     for extra in args.extra_system:
         name, kind, worker = extra.split(":", 2)
-        SYSTEMS[name] = System(worker, kind, name)
+        SYSTEMS[name] = System(worker, (kind,), name)
     names = args.systems or list(SYSTEMS)
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
@@ -322,7 +345,7 @@ def main(argv=None):
     ceiling_run = dict(ok=False, reason="--no-roofline")
     if not args.no_roofline:
         print("measuring the machine's ceilings ...", flush=True)
-        ceiling_run = run_worker("roofline", System("roofline.py", "roofline", "roofline"),
+        ceiling_run = run_worker("roofline", System("roofline.py", ("roofline",), "roofline"),
                                  roofline_workload(args.quick), 0, 1, timeout)
     ceilings = ceiling_run["info"] if ceiling_run["ok"] else {}
 
@@ -342,7 +365,7 @@ def main(argv=None):
             if result.get("unavailable"):
                 unavailable[name] = result["reason"]
     summaries = {(w["name"], n): summarize([r for r in runs if r["workload"] == w["name"] and r["system"] == n])
-                 for w in loads for n in names if SYSTEMS[n].kind == w["kind"]}
+                 for w in loads for n in names if w["kind"] in SYSTEMS[n].kinds}
     elapsed = time.perf_counter() - t0
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

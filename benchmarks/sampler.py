@@ -42,6 +42,24 @@ def make_prompts(tokenizer, batch: int, length: int) -> list[list[int]]:
     return prompts
 
 
+# Requests whose natural answers run from a few tokens to hundreds, so that at EOS rows stop at
+# very different steps (as an agent's turns do in training).
+REQUESTS = ["In one word: is {} a science topic? Answer yes or no.", "Name one famous person linked to {}.",
+            "Give exactly three short bullet points about {}.",
+            "Please explain {} to a curious student, step by step, with one example and one common misconception."]
+
+
+def make_mixed_prompts(tokenizer, batch: int) -> list[list[int]]:
+    """Chat prompts cycling through REQUESTS x TOPICS (rows stop early at EOS, at varied steps)."""
+    prompts = []
+    for i in range(batch):
+        text = REQUESTS[i % len(REQUESTS)].format(TOPICS[(i // len(REQUESTS)) % len(TOPICS)])
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return prompts
+
+
 def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     """Read + write bandwidth of a large NumPy copy (GB/s): the decode roofline's denominator."""
     src = np.ones(size_mb * (1 << 20) // 8)

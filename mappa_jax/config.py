@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     # weights; "sharded" = decode from the training layout (no copy; XLA then all-gathers every
     # layer's weights at every decoded token).
     c.sampler.weight_layout = "gathered"
+    # Rows that stop early are dropped once the rest fit a smaller batch bucket (the loop goes on
+    # in that bucket, one more decode program per bucket used); same tokens either way.
+    c.sampler.compact_rows = True
 
     # --- the multiagent system ------------------------------------------------------------------
     c.topology = mathchat_config()  # or data_science_config(); see mappa_jax/workflows/topologies.py

@@ -39,6 +39,7 @@ from mappa_jax.rl.experience import Sample, batch_bucket, build_experience
 from mappa_jax.rl.pipeline import uses_reference
 from mappa_jax.rl.update import PolicyUpdater
 from mappa_jax.sampling import Sampler, SamplerConfig
+from mappa_jax.sampling.engine import DecodeProgress
 from mappa_jax.workflows import topology_from_config
 
 
@@ -98,7 +99,7 @@ def build_updater(config, model_cfg: ModelConfig, topology, mesh) -> PolicyUpdat
 def sampler_config(config, pad_token_id: int) -> SamplerConfig:
     """config.sampler as the Sampler's SamplerConfig."""
     sc = config.sampler
-    extra = {"weight_layout": sc.weight_layout} if "weight_layout" in sc else {}
+    extra = {key: sc[key] for key in ("weight_layout", "compact_rows") if key in sc}
     return SamplerConfig(
         batch_buckets=tuple(sc.batch_buckets), prompt_buckets=tuple(sc.prompt_buckets),
         generation_buckets=tuple(sc.generation_buckets), compute_dtype=sc.compute_dtype or None,
@@ -266,7 +267,7 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
 
     # The sampler: prefill and decode per batch bucket at the longest prompt and generation buckets.
     lora_graphdef = updater.lora_graphdef
-    prefill, decode = sampler.programs(lora_graphdef)
+    prefill, decode, _ = sampler.programs(lora_graphdef)  # compact: a row gather, no memory of its own
     shardings_of = getattr(sampler, "weight_shardings", None)
     place = lambda tree: tree if tree is None or shardings_of is None else abstract(tree, shardings_of(tree))
     held = (params, sampler_copy) if updater.uses_lora else (sampler_copy, None)  # what SamplerPolicy holds
@@ -295,8 +296,11 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
         cache, logits = jax.eval_shape(functools.partial(prefill, **kwargs), *prefill_args)
         cache = KVCache(*(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding) for c in (cache.k, cache.v)))
         logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=parallel.batch_sharding(mesh, 2))
+        progress = DecodeProgress(scalar(jnp.int32), batch((b,), jnp.bool_), batch((b,), jnp.bool_),
+                                  batch((b,), jnp.int32), batch((b, table_shape[0]), jnp.int32),
+                                  batch((b, new_tokens), jnp.int32), batch((b, new_tokens), jnp.float32))
         decode_args = (sampler_params, sampler_lora, cache, logits, batch((b, prompt_len), jnp.bool_),
-                       batch((b,), jnp.bool_), batch((b,), jnp.int32), *scalars, *shared)
+                       batch((b,), jnp.int32), progress, scalar(jnp.int32), *scalars, *shared)
         programs.append(Program(f"decode b{b}", "decode", decode, decode_args, {}, sampler_resident,
                                 f"{b} rows, {new_tokens} new tokens after {prompt_len}",
                                 rollout.resident + rollout.terms["kv_cache"] + sampler_copy, rows=b))

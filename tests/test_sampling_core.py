@@ -207,7 +207,7 @@ def test_long_prompts_prefill_blockwise_with_the_same_result(tiny):
     for name, block in (("dense", 0), ("blockwise", 128)):
         sampler = Sampler(cfg, SamplerConfig(batch_buckets=(4,), prompt_buckets=(1024,), generation_buckets=(16,),
                                              prefill_block_size=block))
-        prefill, _ = sampler._programs_for(None)
+        prefill = sampler._programs_for(None)[0]
         tokens = jax.ShapeDtypeStruct((4, 1024), jnp.int32)
         lowered = prefill.lower(state, None, tokens, jax.ShapeDtypeStruct((4, 1024), bool),
                                 jax.ShapeDtypeStruct((4,), jnp.int32), generation_slots=16)
@@ -290,3 +290,39 @@ def test_bad_input_names_the_problem(tiny):
         Sampler(cfg, BUCKETS).generate(state, [[1]], max_new_tokens=2, stop_strings=["x"])
     with pytest.raises(ValueError, match="batch_buckets"):
         sampler.generate(state, [[1]], n=9, max_new_tokens=2)
+
+
+def test_rows_that_stop_early_are_dropped_with_the_same_tokens(tiny):
+    """With compact_rows, the loop continues in smaller batch buckets as rows stop; the tokens,
+    logprobs and stop flags equal one loop over every row, and the rows x steps computed follow
+    the schedule that the stopping steps imply (a NumPy reference of it)."""
+    cfg, state, _ = tiny
+    buckets = dict(batch_buckets=(2, 4, 8), prompt_buckets=(16,), generation_buckets=(16,))
+    compacting = Sampler(cfg, SamplerConfig(**buckets))
+    whole = Sampler(cfg, SamplerConfig(compact_rows=False, **buckets))
+    prompts = PROMPTS + [[1, 2, 3], [4, 5, 6, 7], [9]]  # 6 prompts x 1, plus 2 filler rows in bucket 8
+    budget = 16
+    # Frequent stop tokens: rows stop at different steps, some never.
+    kw = dict(max_new_tokens=budget, temperature=1.0, seed=11, stop_token_ids=list(range(3, cfg.vocab_size, 9)))
+    got, ref = compacting.generate(state, prompts, **kw), whole.generate(state, prompts, **kw)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-6)
+    np.testing.assert_array_equal(got.lengths, ref.lengths)
+    np.testing.assert_array_equal(got.truncated, ref.truncated)
+    assert len(set(ref.lengths.tolist())) >= 3, ref.lengths  # the seed gives a spread of stopping steps
+    # Reference schedule: a row runs until the iteration where it stops (its length) or the end.
+    finish = np.where(ref.truncated, budget, ref.lengths)
+    rows, steps, expected = 8, 0, 0
+    while steps < budget and (finish > steps).any():
+        smaller = [b for b in buckets["batch_buckets"] if b < rows]
+        limit = smaller[-1] if smaller else 0
+        end = steps
+        while end < budget and (finish > end).sum() > limit:
+            end += 1
+        expected += rows * (end - steps)
+        steps = end
+        if smaller:
+            rows = min(b for b in buckets["batch_buckets"] if b >= max((finish > steps).sum(), 1))
+    assert got.decode_row_steps == expected
+    assert ref.decode_row_steps == 8 * ref.decode_steps > expected
+    assert got.decode_steps == ref.decode_steps

@@ -31,7 +31,7 @@ CHILD = textwrap.dedent('''
             np.testing.assert_array_equal(out.tokens, ref.tokens)
             np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
         # The KV cache really is split over the data axes.
-        prefill, _ = sharded._programs_for(None)
+        prefill = sharded._programs_for(None)[0]
         rows = np.zeros((8,), np.int32)
         cache, _ = prefill(sharded.place_weights(state), None, sharded._put_batch(np.ones((8, 16), np.int32)),
                            sharded._put_batch(np.ones((8, 16), bool)), sharded._put_batch(rows), generation_slots=16)

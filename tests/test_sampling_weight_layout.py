@@ -38,12 +38,12 @@ CHILD = textwrap.dedent('''
 
     def recorded(sampler):
         """Runs generate, keeping the abstract arguments of its decode program for lowering."""
-        prefill, decode = sampler._programs_for(None)
+        prefill, decode, compact = sampler._programs_for(None)
         seen = []
         def spy(*args):
             seen.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args))
             return decode(*args)
-        sampler._programs[None] = (prefill, spy)
+        sampler._programs[None] = (prefill, spy, compact)
         return seen, decode
 
     report = {"smallest_weight": int(smallest_weight)}

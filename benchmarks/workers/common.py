@@ -30,7 +30,8 @@ sys.path.insert(0, str(BENCHMARKS))
 @dataclasses.dataclass
 class Prepared:
     """A built system: `call(seed)` runs one unit of work to completion (blocking); `units` is
-    what one call produces (generated tokens, or trained tokens); `check()` runs once after timing,
+    what one call produces (generated tokens, or trained tokens), unless `call` returns that call's
+    count (workloads where rows stop at EOS); `check()` runs once after timing,
     untimed, and returns extra info (e.g. `greedy_tokens`: the first greedy tokens of prompt 0,
     which the parent compares across systems as a correctness check)."""
     call: Callable[[int], None]
@@ -57,12 +58,14 @@ def require(module: str, install_hint: str):
         raise Unavailable(f"{module} not importable ({type(exc).__name__}: {exc}); {install_hint}") from exc
 
 
-def smollm2_prompts(batch: int, prompt_tokens: int) -> tuple[list[list[int]], object]:
-    """The sampler workload's prompts (benchmarks/sampler.py's chat prompts) and the GGUF path."""
+def smollm2_prompts(batch: int, prompt_tokens: int, mixed: bool = False) -> tuple[list[list[int]], object]:
+    """The sampler workload's prompts (benchmarks/sampler.py's chat prompts of ~prompt_tokens, or
+    with mixed=True its requests of varied answer lengths) and the GGUF path."""
     from mappa_jax.models import hub, weights
-    from sampler import make_prompts
+    from sampler import make_mixed_prompts, make_prompts
     path = hub.smollm2_gguf_path()
-    return make_prompts(weights.load_tokenizer(path), batch, prompt_tokens), path
+    tokenizer = weights.load_tokenizer(path)
+    return (make_mixed_prompts(tokenizer, batch) if mixed else make_prompts(tokenizer, batch, prompt_tokens)), path
 
 
 def prompt_info(prompts) -> dict:
@@ -104,13 +107,14 @@ def run(prepare: Callable[[dict, str], Prepared]):
             start = time.perf_counter()
             built.call(1000 + i)
             warmup.append(time.perf_counter() - start)
-        seconds = []
+        seconds, units = [], []
         for r in range(spec["repeats"]):
             start = time.perf_counter()
-            built.call(r)
+            produced = built.call(r)
             seconds.append(time.perf_counter() - start)
+            units.append(built.units if produced is None else int(produced))
         info = dict(built.info, **(built.check() if built.check else {}))
-        result.update(ok=True, warmup_s=warmup, seconds=seconds, units_per_call=built.units, info=info)
+        result.update(ok=True, warmup_s=warmup, seconds=seconds, units=units, units_per_call=max(units), info=info)
     except Unavailable as exc:
         result.update(ok=False, unavailable=True, reason=str(exc))
     except Exception as exc:

@@ -1,4 +1,8 @@
-"""Worker: mappa_jax's Sampler on SmolLM2-135M-Instruct (float32 weights from the GGUF)."""
+"""Worker: mappa_jax's Sampler on SmolLM2-135M-Instruct (float32 weights from the GGUF).
+
+mappa_sampler: the default SamplerConfig (on "sample_eos" workloads, stopped rows are dropped as
+the rest fit smaller batch buckets); mappa_sampler_whole_batch: compact_rows=False.
+"""
 from __future__ import annotations
 
 import os
@@ -15,11 +19,18 @@ def prepare(workload: dict, system: str) -> common.Prepared:
     from mappa_jax.sampling import Sampler, SamplerConfig
 
     batch, new_tokens = workload["batch"], workload["new_tokens"]
-    prompts, path = common.smollm2_prompts(batch, workload["prompt_tokens"])
+    stop_at_eos = workload["kind"] == "sample_eos"
+    prompts, path = common.smollm2_prompts(batch, workload["prompt_tokens"], mixed=stop_at_eos)
     cfg, state = weights.load_gguf(path)
     width = max(map(len, prompts))
-    sampler = Sampler(cfg, SamplerConfig(batch_buckets=(1, batch), prompt_buckets=(width,),
-                                         generation_buckets=(new_tokens,)))
+    # At EOS, rows stop at different steps: powers of two give the loop smaller buckets to move to.
+    buckets = tuple(sorted({1, batch} | ({2 ** k for k in range(batch.bit_length()) if 2 ** k < batch}
+                                          if stop_at_eos else set())))
+    sampler = Sampler(cfg, SamplerConfig(batch_buckets=buckets, prompt_buckets=(width,), generation_buckets=(new_tokens,),
+                                         compact_rows=system != "mappa_sampler_whole_batch"))
+    for rows in buckets:  # compile every decode program now: which ones a timed call uses depends on its seed
+        sampler.generate(state, prompts[:rows], max_new_tokens=1, stop_token_ids=[])
+    last = {}
     compile_seconds = [0.0]
 
     def count_compile(event, seconds, **_):
@@ -28,6 +39,10 @@ def prepare(workload: dict, system: str) -> common.Prepared:
     jax.monitoring.register_event_duration_secs_listener(count_compile)
 
     def call(seed: int):
+        if stop_at_eos:
+            out = sampler.generate(state, prompts, max_new_tokens=new_tokens, temperature=1.0, seed=seed)
+            last.update(row_steps=int(out.decode_row_steps), generated_tokens=int(out.lengths.sum()))
+            return int(out.lengths.sum())
         # stop_token_ids=[]: an EOS does not end a row, so every row decodes new_tokens steps.
         out = sampler.generate(state, prompts, max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=[],
                                seed=seed)
@@ -37,7 +52,7 @@ def prepare(workload: dict, system: str) -> common.Prepared:
         compile_s = compile_seconds[0]  # of the timed shapes only; the greedy check compiles batch 1
         greedy = common.greedy_count(workload)
         out = sampler.generate(state, prompts[:1], max_new_tokens=greedy, temperature=0.0, stop_token_ids=[])
-        return {"greedy_tokens": out.tokens[0, :greedy].tolist(),
+        return {**last, "greedy_tokens": out.tokens[0, :greedy].tolist(),
                 "compile_s": round(compile_s, 2), "cache_dtype": np.dtype(sampler.cache_dtype).name,
                 "param_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state)))}
 

@@ -35,6 +35,9 @@ class SamplerConfig:
         lives for that call, so the decode loop reads local weights; "sharded": the training layout
         as passed, which costs no copy but makes XLA all-gather every layer's weights inside the
         decode loop at every token. Same tokens either way.
+    compact_rows: when the rows still decoding fit a smaller batch bucket, drop the stopped ones
+        and continue in that bucket (one more compiled decode program per bucket used), so rows
+        that finish early stop costing decode work. Same tokens either way.
     """
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -44,6 +47,7 @@ class SamplerConfig:
     pad_token_id: int = 0
     prefill_block_size: int = 1024
     weight_layout: str = "gathered"
+    compact_rows: bool = True
 
     def __post_init__(self):
         for name in ("batch_buckets", "prompt_buckets", "generation_buckets"):

@@ -5,16 +5,20 @@ prefill: runs the distinct (left-padded) prompts once, then replicates each prom
 decode: one `lax.while_loop` over new tokens with the KV cache donated (updated in place); each
     step samples a token per row, records its logprob under the tempered policy it was drawn from
     (`sample.next_tokens`), updates the stop state, and runs the model on the new token. It exits
-    early once every row has stopped.
+    once the rows still running number `exit_below` or fewer (0: once every row has stopped).
+compact: keeps the given rows of a decode call's state, so the caller can continue the running
+    rows in a smaller batch bucket (`DecodeProgress` carries the loop across calls).
 
 Parameters (and LoRA adapters) are arguments, never constants, so one compiled program serves
 every agent of the same architecture; shapes come from buckets, so new lengths never recompile.
 """
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -31,10 +35,35 @@ def _cache_spec(batch_axes):
     return P(None, batch_axes, None, None, None)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeProgress:
+    """The per-row state of a decode loop, carried across calls when finished rows are dropped:
+    step (shared by every row: new tokens so far), done (stopped, or a filler row), stopped (by a
+    stop token or string), lengths, stop_state (the stop-string automata, [rows, patterns]) and the
+    tokens and logprobs sampled so far ([rows, budget])."""
+    step: jax.Array
+    done: jax.Array
+    stopped: jax.Array
+    lengths: jax.Array
+    stop_state: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+
+    @classmethod
+    def start(cls, active: np.ndarray, budget: int, patterns: int, pad_token_id: int) -> "DecodeProgress":
+        """Host arrays before the first step; rows with active False are fillers (done from the start)."""
+        rows = active.shape[0]
+        return cls(np.int32(0), ~active, np.zeros((rows,), bool), np.zeros((rows,), np.int32),
+                   np.zeros((rows, patterns), np.int32), np.full((rows, budget), pad_token_id, np.int32),
+                   np.zeros((rows, budget), np.float32))
+
+
 def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh=None, batch_axes=None,
                    long_prompt_graphdef=None, long_prompt: int = 0):
-    """(prefill, decode) jitted for one model graph (and one LoRA graph, or None). Prompts longer
-    than `long_prompt` prefill with `long_prompt_graphdef` (the same model, blockwise attention)."""
+    """(prefill, decode, compact) jitted for one model graph (and one LoRA graph, or None). Prompts
+    longer than `long_prompt` prefill with `long_prompt_graphdef` (the same model, blockwise
+    attention)."""
 
     def merged(params, lora, graph=graphdef):
         model = nnx.merge(graph, params)
@@ -58,7 +87,7 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
                         _constrain(grow(cache.v), mesh, _cache_spec(batch_axes)))
         return cache, _constrain(last, mesh, P(batch_axes, None))
 
-    def decode(params, lora, cache, logits, prompt_mask, active, row_ids, seed, temperature, top_k,
+    def decode(params, lora, cache, logits, prompt_mask, row_ids, progress, exit_below, seed, temperature, top_k,
                top_p, max_new, stop_ids, stop_table, stop_accept):
         model, adapters = merged(params, lora)
         rows, prompt_len = prompt_mask.shape
@@ -71,37 +100,41 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
         pattern_ids = jnp.arange(stop_table.shape[0])[None, :]
 
         def cond(carry):
-            step, done = carry[0], carry[1]
-            return (step < max_new) & ~jnp.all(done)
+            progress = carry[0]
+            live = jnp.sum(~progress.done, dtype=jnp.int32)
+            return (progress.step < max_new) & (live > exit_below)
 
         def body(carry):
-            step, done, stopped, lengths, stop_state, out_tokens, out_logprobs, logits, cache = carry
+            p, logits, cache = carry
+            step, done = p.step, p.done
             tokens, logprobs = next_tokens(logits, keys, step, temperature, top_k, top_p)
             tokens = jnp.where(done, pad_token_id, tokens)
             logprobs = jnp.where(done, 0.0, logprobs)
-            out_tokens = jax.lax.dynamic_update_index_in_dim(out_tokens, tokens, step, axis=1)
-            out_logprobs = jax.lax.dynamic_update_index_in_dim(out_logprobs, logprobs, step, axis=1)
-            stop_state = stop_table[pattern_ids, stop_state, tokens[:, None]]
+            stop_state = stop_table[pattern_ids, p.stop_state, tokens[:, None]]
             hit = jnp.any(stop_state == stop_accept[None, :], axis=1) | jnp.any(tokens[:, None] == stop_ids[None, :], axis=1)
-            lengths = jnp.where(done, lengths, step + 1)
-            stopped = stopped | (hit & ~done)
-            done = done | hit
+            p = DecodeProgress(
+                step=step + 1, done=done | hit, stopped=p.stopped | (hit & ~done),
+                lengths=jnp.where(done, p.lengths, step + 1), stop_state=stop_state,
+                tokens=jax.lax.dynamic_update_index_in_dim(p.tokens, tokens, step, axis=1),
+                logprobs=jax.lax.dynamic_update_index_in_dim(p.logprobs, logprobs, step, axis=1))
             positions = (prompt_lens + step)[:, None]
             logits, cache = model(tokens[:, None], positions, kv_mask, cache=cache,
                                   cache_index=prompt_len + step, lora=adapters)
-            return (step + 1, done, stopped, lengths, stop_state, out_tokens, out_logprobs, logits[:, 0], cache)
+            return p, logits[:, 0], cache
 
-        zeros = jnp.zeros((rows,), jnp.int32)
-        init = (jnp.int32(0), ~active, jnp.zeros((rows,), bool), zeros,
-                jnp.zeros((rows, stop_table.shape[0]), jnp.int32),
-                _constrain(jnp.full((rows, budget), pad_token_id, jnp.int32), mesh, P(batch_axes, None)),
-                _constrain(jnp.zeros((rows, budget), jnp.float32), mesh, P(batch_axes, None)),
-                logits, cache)
-        steps, _, stopped, lengths, _, out_tokens, out_logprobs, logits, cache = jax.lax.while_loop(cond, body, init)
-        # The cache and logits are returned only so that their donated input buffers alias them:
-        # the loop then updates the caller's cache in place instead of copying it first.
-        return (out_tokens, out_logprobs, lengths, stopped, steps), (cache, logits)
+        # Everything carried is returned, so that the donated inputs alias the outputs: the loop
+        # updates the caller's cache and buffers in place instead of copying them first.
+        return jax.lax.while_loop(cond, body, (progress, logits, cache))
+
+    def compact(cache, logits, prompt_mask, row_ids, progress, keep):
+        """The rows `keep` [new rows] of everything a decode call carries, in that order."""
+        take = lambda x, axis=0: _constrain(jnp.take(x, keep, axis=axis), mesh,
+                                            P(*([None] * axis), batch_axes, *([None] * (x.ndim - axis - 1))))
+        rows_of = lambda x: take(x) if x.ndim else x  # the step counter is shared by all rows
+        cache = KVCache(take(cache.k, 1), take(cache.v, 1))
+        return cache, take(logits), take(prompt_mask), take(row_ids), jax.tree.map(rows_of, progress)
 
     prefill_jit = jax.jit(prefill, static_argnames=("generation_slots",))
-    decode_jit = jax.jit(decode, donate_argnames=("cache", "logits"))
-    return prefill_jit, decode_jit
+    decode_jit = jax.jit(decode, donate_argnames=("cache", "logits", "progress"))
+    compact_jit = jax.jit(compact)  # a smaller output: nothing to donate into
+    return prefill_jit, decode_jit, compact_jit

@@ -25,7 +25,7 @@ from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.weights import abstract_model
 from mappa_jax.parallel.distributed import fetch_global
 from mappa_jax.sampling.config import SamplerConfig, bucket_for
-from mappa_jax.sampling.engine import build_programs
+from mappa_jax.sampling.engine import DecodeProgress, build_programs
 from mappa_jax.sampling.stops import compile_stop_patterns, stop_table_arrays, token_bytes
 
 
@@ -44,6 +44,7 @@ class SampleOutput:
     lengths: np.ndarray
     truncated: np.ndarray
     decode_steps: int = 0  # loop iterations run (summed over batch chunks); < budget on early exit
+    decode_row_steps: int = 0  # rows x iterations computed, filler rows included (falls as rows are dropped)
 
     def sequences(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
@@ -91,7 +92,8 @@ class Sampler:
 
     # ---- compiled programs ----------------------------------------------------------------------
     def programs(self, lora_graphdef=None):
-        """(prefill, decode), jitted, for a LoRA graph (None: the base model); what generate runs."""
+        """(prefill, decode, compact), jitted, for a LoRA graph (None: the base model); what
+        generate runs (see `mappa_jax.sampling.engine`)."""
         return self._programs_for(lora_graphdef)
 
     def _programs_for(self, lora_graphdef):
@@ -103,7 +105,7 @@ class Sampler:
 
     def num_compiled(self) -> int:
         """Compiled (shape-specialised) programs so far, over all LoRA variants."""
-        return sum(fn._cache_size() for pair in self._programs.values() for fn in pair)
+        return sum(fn._cache_size() for fns in self._programs.values() for fn in fns)
 
     # ---- placement --------------------------------------------------------------------------------
     def _put_batch(self, x: np.ndarray):
@@ -204,7 +206,7 @@ class Sampler:
         if lora is not None and lora_graphdef is None:
             raise ValueError("lora must be a LoraAdapters module or its (graphdef, state) pair from nnx.split "
                              "(the graph carries the targets and scale)")
-        prefill, decode = self._programs_for(lora_graphdef)
+        programs = self._programs_for(lora_graphdef)
         params, lora_state = self.place_weights(params), self.place_weights(lora_state)
 
         stop_ids = sorted(set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids))
@@ -219,13 +221,20 @@ class Sampler:
         parts = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start:start + per_call]
-            parts.append(self._generate_chunk(prefill, decode, params, lora_state, chunk, start, n, budget,
+            parts.append(self._generate_chunk(programs, params, lora_state, chunk, start, n, budget, max_new_tokens,
                                               scalars, shared))
         tokens, logprobs, lengths, stopped = (np.concatenate(x) for x in zip(*(p[:4] for p in parts)))
         tokens, logprobs = tokens[:, :max_new_tokens], logprobs[:, :max_new_tokens]
-        return SampleOutput(tokens, logprobs, lengths, ~stopped, sum(int(p[4]) for p in parts))
+        return SampleOutput(tokens, logprobs, lengths, ~stopped, sum(p[4] for p in parts), sum(p[5] for p in parts))
 
-    def _generate_chunk(self, prefill, decode, params, lora_state, prompts, first_prompt, n, budget, scalars, shared):
+    def _generate_chunk(self, programs, params, lora_state, prompts, first_prompt, n, budget, max_new_tokens,
+                        scalars, shared):
+        """Prefill, then decode; with sampler.compact_rows, each time the running rows fit a smaller
+        batch bucket, the loop stops, keeps only those rows and continues in that bucket (rows that
+        stopped early stop costing decode work). Same tokens either way: a row's randomness depends
+        only on its id and step. Returns the rows' tokens, logprobs, lengths, stopped flags, the
+        loop's iterations and the rows x iterations it computed."""
+        prefill, decode, compact = programs
         sc = self.config
         num_rows = len(prompts) * n
         prompt_len = bucket_for(max(len(p) for p in prompts), sc.prompt_buckets, "prompt_buckets", "prompt length")
@@ -244,8 +253,36 @@ class Sampler:
 
         cache, logits = prefill(params, lora_state, self._put_batch(tokens), self._put_batch(mask),
                                 self._put_batch(row_source), generation_slots=budget)
-        (out_tokens, out_logprobs, lengths, stopped, steps), _ = decode(
-            params, lora_state, cache, logits, self._put_batch(mask[row_source]), self._put_batch(active),
-            self._put_batch(row_ids), *scalars, *shared)
-        out = fetch_global((out_tokens, out_logprobs, lengths, stopped, steps))  # rows may span hosts
-        return (*(x[:num_rows] for x in out[:4]), int(out[4]))
+        patterns = shared[1].shape[0]
+        progress = DecodeProgress.start(active, budget, patterns, sc.pad_token_id)
+        progress = jax.tree.map(lambda x: self._put_batch(x) if x.ndim else self._put_replicated(x), progress)
+        prompt_mask, row_ids_device = self._put_batch(mask[row_source]), self._put_batch(row_ids)
+        origin = np.where(active, np.arange(decode_rows), -1)  # output row of each decode row; -1 = filler
+        out = [np.full((num_rows, budget), sc.pad_token_id, np.int32), np.zeros((num_rows, budget), np.float32),
+               np.zeros((num_rows,), np.int32), np.zeros((num_rows,), bool)]
+        row_steps, last_step = 0, 0
+        while True:
+            rows = len(origin)
+            smaller = [b for b in sc.batch_buckets if b < rows] if sc.compact_rows else []
+            exit_below = self._put_replicated(np.int32(smaller[-1] if smaller else 0))
+            progress, logits, cache = decode(params, lora_state, cache, logits, prompt_mask, row_ids_device,
+                                             progress, exit_below, *scalars, *shared)
+            state = fetch_global((progress.step, progress.done, progress.tokens, progress.logprobs,
+                                  progress.lengths, progress.stopped))  # rows may span hosts
+            step, done = int(state[0]), state[1]
+            row_steps += rows * (step - last_step)
+            last_step = step
+            running = np.flatnonzero(~done)
+            last_call = step >= max_new_tokens or running.size == 0
+            finished = (origin >= 0) & (done | last_call)
+            for dst, src in zip(out, state[2:]):
+                dst[origin[finished]] = src[finished]
+            if last_call:
+                break
+            # Keep the running rows, then fill the smaller bucket with rows that are done.
+            new_rows = bucket_for(running.size, sc.batch_buckets, "batch_buckets", "running rows")
+            keep = np.concatenate([running, np.flatnonzero(done)[:new_rows - running.size]]).astype(np.int32)
+            cache, logits, prompt_mask, row_ids_device, progress = compact(
+                cache, logits, prompt_mask, row_ids_device, progress, self._put_replicated(keep))
+            origin = np.where(np.arange(new_rows) < running.size, origin[keep], -1)
+        return (*out, last_step, row_steps)
