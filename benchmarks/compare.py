@@ -175,15 +175,20 @@ def machine() -> dict:
                 commit=(commit.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty.stdout.strip() else ""))
 
 
-def decode_roofline(workload: dict, summary: dict, ceilings: dict) -> float | None:
-    """Tokens/s if every decode step only read the float32 weights once plus the live KV cache
-    (mean context: prompt + half the generation) at the best measured copy bandwidth."""
+def decode_roofline(workload: dict, summary: dict, ceilings: dict) -> tuple[float, str] | None:
+    """(tokens/s, the binding limit) if every decode step took only the longer of reading the float32
+    weights once plus the live KV cache (mean context: prompt + half the generation) at the best
+    measured copy bandwidth, and its FLOPs (every weight one multiply-add per row, plus attention
+    over the context) at the best measured float32 matmul rate."""
     if not ceilings or "prompt_tokens_mean" not in summary.get("info", {}):
         return None
     bandwidth = max(ceilings["bandwidth_gbs"], ceilings["bandwidth_1thread_gbs"]) * 1e9
-    context = summary["info"]["prompt_tokens_mean"] + workload["new_tokens"] / 2
-    step_bytes = ceilings["param_bytes_f32"] + workload["batch"] * context * ceilings["kv_bytes_per_token_f32"]
-    return workload["batch"] * bandwidth / step_bytes
+    peak = max(ceilings["numpy_matmul_gflops"], ceilings["jax_matmul_gflops"]) * 1e9
+    batch, context = workload["batch"], summary["info"]["prompt_tokens_mean"] + workload["new_tokens"] / 2
+    memory_s = (ceilings["param_bytes_f32"] + batch * context * ceilings["kv_bytes_per_token_f32"]) / bandwidth
+    compute_s = batch * (ceilings.get("matmul_flops_per_token", 0)
+                         + context * ceilings.get("attention_flops_per_token_per_slot", 0)) / peak
+    return batch / max(memory_s, compute_s), ("memory" if memory_s >= compute_s else "compute")
 
 
 def _ratio(ours: dict, theirs: dict) -> str:
@@ -258,8 +263,8 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                       "(or ignored) so every row decodes every step. Tokens/s = generated tokens / wall time of the "
                       "generate call (prefill included). 'greedy' compares the first greedy tokens of prompt 0 with "
                       "mappa_jax's (a correctness check of each peer's setup).", ""]
-            roofline = decode_roofline(workload, ours if ours.get("ok") else next(
-                (s for s in rows.values() if s.get("ok")), {}), ceilings)
+            roofline, bound = decode_roofline(workload, ours if ours.get("ok") else next(
+                (s for s in rows.values() if s.get("ok")), {}), ceilings) or (None, None)
             def sample_cells(n, s):
                 fraction = NOT_ROOFLINE.get(n) or (f"{s['median'] / roofline:.0%}" if roofline else "-")
                 return [f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})", f"{s['repeats']} ({s['processes']})",
@@ -269,9 +274,16 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
             lines += _table(["system", "tokens/s", "timed calls (processes)", "mappa_jax / system",
                              "% of decode roofline", "greedy", "warm-up s", "load", "settings"], rows, sample_cells)
             if roofline:
-                lines += ["", f"Decode roofline: {roofline:.1f} tokens/s (float32 weights "
-                              f"{ceilings['param_bytes_f32'] / 1e6:.0f} MB + KV cache at the mean context, read once "
-                              f"per step); the measured rate includes prefill, so its fraction is a lower bound."]
+                lines += ["", f"Decode roofline: {roofline:.1f} tokens/s, bound by {bound}: the longer of reading the "
+                              f"float32 weights ({ceilings['param_bytes_f32'] / 1e6:.0f} MB) and the KV cache at the "
+                              f"mean context once per step at the measured bandwidth, and the step's FLOPs (2 per "
+                              f"weight per row, plus attention) at the measured matmul peak. The measured rate "
+                              f"includes prefill, so its fraction is a lower bound."]
+                alone = ours.get("info", {}).get("decode_tokens_per_s") if ours.get("ok") else None
+                if alone:
+                    lines += ["", f"mappa_jax's decode loop alone (prefill excluded, the timed calls): "
+                                  f"{np.median(alone):.1f} tokens/s ({min(alone):.1f}-{max(alone):.1f}), "
+                                  f"{np.median(alone) / roofline:.0%} of the decode roofline."]
         elif kind == "sample_eos":
             lines += [f"## Sampler, batch {workload['batch']}, rows stopping at EOS: up to {workload['new_tokens']} "
                       "new tokens", "",

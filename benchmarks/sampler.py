@@ -1,14 +1,15 @@
-"""Generation speed: our jitted sampler vs transformers' PyTorch `generate`, same weights, same run.
+"""Generation speed of our jitted sampler alone, and the sampler workloads' prompts.
 
 SmolLM2-135M-Instruct (float32 weights from the GGUF), batches of chat prompts of ~100 tokens, 256 new
-tokens sampled at temperature 1 (EOS ignored, so both do exactly the same number of steps).
-Prints tokens/s of both, their ratio, our compile time, and how close decode gets to this machine's
-memory-bandwidth roofline (bandwidth measured here with a large NumPy copy).
+tokens sampled at temperature 1 (EOS ignored, so every row decodes every step). Prints tokens/s, the
+compile time, and how close decode gets to this machine's memory-bandwidth roofline (bandwidth
+measured here with a large NumPy copy): a quick check while working on the sampler.
 
     python benchmarks/sampler.py [--batches 8 32] [--new-tokens 256] [--compute-dtype bfloat16]
 
-Its transformers figure runs in the same process as JAX, which starves both on a small machine; the
-side-by-side measurement (each system in its own process, alternating) is benchmarks/compare.py.
+Comparisons with other systems come only from benchmarks/compare.py, which runs each system in its
+own process, alternating (two runtimes in one process starve each other's threads); its workers
+take their prompts from here (make_prompts, make_mixed_prompts).
 """
 from __future__ import annotations
 
@@ -99,25 +100,6 @@ def bench_ours(sampler, state, prompts, new_tokens, repeats):
     return out.lengths.sum() / best, compile_s, best
 
 
-def bench_torch(model, prompts, new_tokens, pad_id):
-    import torch
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    kwargs = dict(attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
-    with torch.no_grad():
-        model.generate(ids[:, :8], attention_mask=mask[:, :8], do_sample=True, max_new_tokens=2, pad_token_id=pad_id)
-        start = time.perf_counter()
-        out = model.generate(ids, **kwargs)
-        elapsed = time.perf_counter() - start
-    generated = (out.shape[1] - width) * len(prompts)
-    return generated / elapsed, elapsed
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
@@ -125,12 +107,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compute-dtype", default=None, help="e.g. bfloat16 (weights stay float32)")
-    parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
-    import torch
-    import transformers
-    torch.set_num_threads(os.cpu_count())
     path = hub.smollm2_gguf_path()
     cfg, state = weights.load_gguf(path)
     tokenizer = weights.load_tokenizer(path)
@@ -141,11 +119,6 @@ def main():
     sampler_config = SamplerConfig(batch_buckets=tuple(sorted(set(args.batches))), prompt_buckets=(128,),
                                    generation_buckets=(args.new_tokens,), compute_dtype=args.compute_dtype)
     sampler = Sampler(cfg, sampler_config)
-    if not args.skip_torch:
-        hf = transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model(**cfg.to_hf_dict()), dtype=torch.float32).eval()
-        hf.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.hf_tensors(cfg, state).items()},
-                           strict=False)
     for batch in args.batches:
         prompts = make_prompts(tokenizer, batch, args.prompt_tokens)
         ours, compile_s, seconds = bench_ours(sampler, state, prompts, args.new_tokens, args.repeats)
@@ -154,12 +127,9 @@ def main():
         step_bytes = decode_bytes_per_step(cfg, batch, context, param_bytes, itemsize)
         roofline_step = step_bytes / (bandwidth * 1e9)
         step = seconds / args.new_tokens  # upper bound: includes prefill
-        line = (f"batch {batch:3d}: ours {ours:7.1f} tok/s ({seconds:.2f} s, compile {compile_s:.1f} s, "
-                f"{step * 1e3:.1f} ms/step, roofline {roofline_step * 1e3:.1f} ms/step = {roofline_step / step:.0%})")
-        if not args.skip_torch:
-            theirs, their_s = bench_torch(hf, prompts, args.new_tokens, cfg.eos_token_ids[0])
-            line += f" | transformers {theirs:7.1f} tok/s ({their_s:.2f} s) | ratio {ours / theirs:.2f}x"
-        print(line, flush=True)
+        print(f"batch {batch:3d}: {ours:7.1f} tok/s ({seconds:.2f} s, compile {compile_s:.1f} s, "
+              f"{step * 1e3:.1f} ms/step, roofline {roofline_step * 1e3:.1f} ms/step = {roofline_step / step:.0%})",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
-"""Update-step throughput: the compiled JAX REINFORCE++ update vs a PyTorch training step.
-
-Both run the same model config, batch (B sequences x T tokens, all generated tokens trained), the
-same PPO-clipped token-mean loss and AdamW with grad clipping. Reports tokens/s and MFU (model
-FLOPs over this machine's matmul peak, measured here with a float32 matmul in JAX) and the ratio.
+"""Update-step throughput of the compiled JAX REINFORCE++ update, and the update workload that
+benchmarks/compare.py runs for it and for its PyTorch peer (`torch_update_step`: the same model
+config, batch of B sequences x T tokens with all generated tokens trained, PPO-clipped token-mean
+loss and AdamW with grad clipping). Prints tokens/s and MFU (model FLOPs over this machine's matmul
+peak, measured here with a float32 matmul in JAX).
 
     python benchmarks/update.py                       # small llama-like model, CPU-friendly
     python benchmarks/update.py --preset smollm2 --batch 8 --seq 512
 
-Its PyTorch figure runs in the same process as JAX, which skews both on a small machine; the
-side-by-side measurement (each system in its own process) is benchmarks/compare.py.
+The comparison with PyTorch comes only from benchmarks/compare.py, each system in its own process.
 """
 from __future__ import annotations
 
@@ -136,15 +135,6 @@ def torch_update_step(cfg: ModelConfig, rl: RLConfig, samples):
     return step
 
 
-def bench_torch(cfg: ModelConfig, rl: RLConfig, samples, seq: int, repeats: int) -> float:
-    step = torch_update_step(cfg, rl, samples)
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
@@ -152,7 +142,6 @@ def main():
     parser.add_argument("--micro", type=int, default=4, help="sequences per micro-batch")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (prompt + generation)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
     cfg = model_config(args.preset)
@@ -166,10 +155,6 @@ def main():
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (float32); update FLOPs {flops / 1e9:.1f} G")
     jax_s = bench_jax(cfg, rl, samples, args.seq, args.repeats)
     print(f"JAX update:     {jax_s * 1e3:8.1f} ms  {tokens / jax_s:9.0f} tokens/s  MFU {flops / jax_s / peak:6.1%}")
-    if not args.skip_torch:
-        torch_s = bench_torch(cfg, rl, samples, args.seq, args.repeats)
-        print(f"PyTorch step:   {torch_s * 1e3:8.1f} ms  {tokens / torch_s:9.0f} tokens/s  MFU {flops / torch_s / peak:6.1%}")
-        print(f"JAX / PyTorch tokens/s ratio: {torch_s / jax_s:.2f}")
 
 
 if __name__ == "__main__":

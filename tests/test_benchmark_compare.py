@@ -110,3 +110,22 @@ def test_the_mappa_update_worker_at_smoke_size(tmp_path):
     assert ours["ok"], ours
     assert ours["units_per_call"] == 2 * 32 and ours["repeats"] == 2 and ours["pids"][0] != peer["pids"][0]
     assert f"{ours['median'] / peer['median']:.2f}x" in out.read_text()
+
+
+def test_decode_roofline_is_the_slower_of_bytes_and_flops():
+    compare = _compare()
+    ceilings = dict(bandwidth_gbs=20.0, bandwidth_1thread_gbs=15.0, numpy_matmul_gflops=150.0, jax_matmul_gflops=100.0,
+                    param_bytes_f32=4e8, kv_bytes_per_token_f32=4e4, matmul_flops_per_token=2e8,
+                    attention_flops_per_token_per_slot=1e5)
+    summary = {"info": {"prompt_tokens_mean": 100.0}}
+    for batch in (1, 64):
+        workload = dict(batch=batch, new_tokens=200)
+        context = 100.0 + 100.0
+        memory_s = (4e8 + batch * context * 4e4) / 20e9
+        compute_s = batch * (2e8 + context * 1e5) / 150e9
+        rate, bound = compare.decode_roofline(workload, summary, ceilings)
+        assert rate == pytest.approx(batch / max(memory_s, compute_s))
+        assert bound == ("memory" if memory_s >= compute_s else "compute")
+    assert compare.decode_roofline(dict(batch=1, new_tokens=2), summary, ceilings)[1] == "memory"
+    assert compare.decode_roofline(dict(batch=64, new_tokens=2), summary, ceilings)[1] == "compute"
+    assert compare.decode_roofline(dict(batch=1, new_tokens=2), {"info": {}}, ceilings) is None

@@ -64,8 +64,12 @@ def smollm2_bytes() -> dict:
     import gguf
     from mappa_jax.models import hub, weights
     cfg = weights.gguf_config(gguf.GGUFReader(str(hub.smollm2_gguf_path())))
+    # Per generated token: every weight is one multiply-add (the tied embedding as the output head);
+    # attention adds q.k and p.v over each cached slot.
     return {"param_bytes_f32": 4 * cfg.num_params(),
-            "kv_bytes_per_token_f32": 4 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim}
+            "kv_bytes_per_token_f32": 4 * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim,
+            "matmul_flops_per_token": 2 * cfg.num_params(),
+            "attention_flops_per_token_per_slot": 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim}
 
 
 def prepare(workload: dict, system: str) -> common.Prepared:
