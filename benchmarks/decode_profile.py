@@ -5,8 +5,8 @@ per row over a KV cache, timed in parts.
 
 Parts, each its own jitted program on the same inputs: the whole step (layers with the cache, then
 the output head), the layers without the head, the layers without any KV cache (no cache writes,
-reads or attention over past slots), the head alone, the attention of every layer over a cache
-slice (what `attention` does in a decode step, with the slice already made), and sampling one token
+reads or attention over past slots), the head alone, every layer's attention over its cache layer
+(sliced out of the stacked cache, as the decode step reads it, then `attention`), and sampling one token
 (`sample.next_tokens`, temperature 1). The variants are timed round-robin, `--repeats` times each;
 the table shows medians and min-max, with the load average before and after. The decode loop of
 the sampler runs exactly the whole step plus sampling per token.
@@ -60,7 +60,7 @@ def main():
     q = jnp.asarray(rng.standard_normal((b, 1, cfg.num_heads, cfg.head_dim), np.float32))
     q_slots, kv_mask = jnp.array([index]), jnp.ones((b, s), bool)
 
-    def attention_only(q, k_layers, v_layers):  # every layer's attention over its (already sliced) cache
+    def attention_only(q, k_layers, v_layers):  # every layer's slice of the cache, then its attention
         return jax.lax.map(lambda kv: attention(q, kv[0], kv[1], q_slots, kv_mask, jnp.float32, KEYS_FROM_CACHE),
                            (k_layers, v_layers))
 
