@@ -6,10 +6,12 @@ per row over a KV cache, timed in parts.
 Parts, each its own jitted program on the same inputs: the whole step (layers with the cache, then
 the output head), the layers without the head, the layers without any KV cache (no cache writes,
 reads or attention over past slots), the head alone, every layer's attention over its cache layer
-(sliced out of the stacked cache, as the decode step reads it, then `attention`), and sampling one token
-(`sample.next_tokens`, temperature 1). The variants are timed round-robin, `--repeats` times each;
-the table shows medians and min-max, with the load average before and after. The decode loop of
-the sampler runs exactly the whole step plus sampling per token.
+(`attention`), sampling one token (`sample.next_tokens`, temperature 1), and `--loop-steps` whole
+steps inside one `lax.fori_loop` as the sampler's decode loop runs them, once with each layer's
+weights sliced out of the stacked arrays inside the loop (sampler.decode_weights="stacked") and once
+with them copied out before it ("unstacked"), per step. The variants are timed round-robin,
+`--repeats` times each; the table shows medians and min-max, with the load average before and
+after. The decode loop of the sampler runs exactly the whole step plus sampling per token.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main():
     parser.add_argument("--slots", type=int, default=228, help="KV-cache slots (default: the sampler benchmark's "
                         "~100-token prompt + 128 new tokens)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--loop-steps", type=int, default=8, help="whole steps per timed decode loop")
     args = parser.parse_args()
     cfg, state = weights.load_gguf(hub.smollm2_gguf_path())
     graphdef, _ = abstract_model(cfg)
@@ -44,14 +47,20 @@ def main():
     tokens = jnp.ones((b, 1), jnp.int32)
     positions = jnp.full((b, 1), index, jnp.int32)
     rng = np.random.default_rng(0)
-    cache = KVCache(*(jnp.asarray(rng.standard_normal((cfg.num_layers, b, cfg.num_kv_heads, s, cfg.head_dim),
-                                                      np.float32)) for _ in range(2)))
+    layer_cache = lambda: tuple(jnp.asarray(rng.standard_normal((b, cfg.num_kv_heads, s, cfg.head_dim), np.float32))
+                                for _ in range(cfg.num_layers))
+    cache = KVCache(layer_cache(), layer_cache())
 
-    def step(state, cache, with_head):
+    def step(state, cache, with_head, layers=None, at=index):
         model = nnx.merge(graphdef, state)
-        out, cache = model(tokens, positions, jnp.ones((b, s), bool), cache=cache, cache_index=index,
-                           return_hidden=not with_head)
+        out, cache = model(tokens, positions, jnp.ones((b, s), bool), cache=cache, cache_index=at,
+                           return_hidden=not with_head, layers=layers)
         return out, cache
+
+    def loop(state, cache, unstacked):
+        layers = nnx.merge(graphdef, state).layer_slices(materialize=True) if unstacked else None
+        body = lambda i, c: step(state, c[1], True, layers, index + i % 4)  # a few slots, as decoding moves on
+        return jax.lax.fori_loop(0, args.loop_steps, body, step(state, cache, True, layers))
 
     def no_cache(state):
         return nnx.merge(graphdef, state)(tokens, positions, jnp.ones((b, 1), bool), return_hidden=True)[0]
@@ -60,15 +69,16 @@ def main():
     q = jnp.asarray(rng.standard_normal((b, 1, cfg.num_heads, cfg.head_dim), np.float32))
     q_slots, kv_mask = jnp.array([index]), jnp.ones((b, s), bool)
 
-    def attention_only(q, k_layers, v_layers):  # every layer's slice of the cache, then its attention
-        return jax.lax.map(lambda kv: attention(q, kv[0], kv[1], q_slots, kv_mask, jnp.float32, KEYS_FROM_CACHE),
-                           (k_layers, v_layers))
+    def attention_only(q, k_layers, v_layers):  # every layer's attention over its cache layer
+        return [attention(q, k, v, q_slots, kv_mask, jnp.float32, KEYS_FROM_CACHE) for k, v in zip(k_layers, v_layers)]
 
     logits = jnp.asarray(rng.standard_normal((b, cfg.vocab_size), np.float32))
     keys = row_keys(jnp.uint32(0), jnp.arange(b))
     # The cache is donated (updated in place), as in the sampler; each call gets back the new one.
     full = jax.jit(lambda st, c: step(st, c, True), donate_argnums=1)
     layers = jax.jit(lambda st, c: step(st, c, False), donate_argnums=1)
+    loops = {unstacked: jax.jit(lambda st, c, u=unstacked: loop(st, c, u), donate_argnums=1)
+             for unstacked in (False, True)}
     layers_no_cache, head = jax.jit(no_cache), jax.jit(lambda st, h: nnx.merge(graphdef, st).head(h))
     attend = jax.jit(attention_only)
     sample = jax.jit(lambda lg: next_tokens(lg, keys, 3, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0)))
@@ -85,9 +95,12 @@ def main():
         "layers + cache, no head": with_cache(layers),
         "layers, no KV cache": lambda: layers_no_cache(state),
         "head alone": lambda: head(state, hidden),
-        "attention over the cache slices": lambda: attend(q, held["cache"].k, held["cache"].v),
+        "attention over the cache layers": lambda: attend(q, held["cache"].k, held["cache"].v),
         "sampling one token": lambda: sample(logits),
+        "decode loop step, stacked weights": with_cache(loops[False]),
+        "decode loop step, unstacked weights": with_cache(loops[True]),
     }
+    per_call_steps = {name: args.loop_steps + 1 for name in parts if name.startswith("decode loop")}
 
     load_before = os.getloadavg()[0]
     for run in parts.values():  # compile and warm up
@@ -103,7 +116,7 @@ def main():
           f"load {load_before:.1f} -> {load_after:.1f}")
     print("| part | ms per step, median (min-max) |\n|---|---|")
     for name, ts in times.items():
-        ms = np.array(ts) * 1e3
+        ms = np.array(ts) * 1e3 / per_call_steps.get(name, 1)
         print(f"| {name} | {np.median(ms):.1f} ({ms.min():.1f}-{ms.max():.1f}) |")
 
 

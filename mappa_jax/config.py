@@ -17,6 +17,7 @@ from mappa_jax.coach import validate as validate_coach
 from mappa_jax.models.decoder import PROJECTIONS
 from mappa_jax.parallel.distributed import default_config as distributed_config
 from mappa_jax.rl.config import REMOVED_KEYS as RL_REMOVED_KEYS, RLConfig
+from mappa_jax.sampling.config import DECODE_WEIGHTS
 from mappa_jax.workflows import mathchat_config, topology_from_config
 
 
@@ -99,12 +100,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.top_k = 0
     # With mesh.fsdp > 1: "gathered" = each generate call gathers the sampling policy's weights over
     # fsdp once (a copy for the call, counted by the memory check) so the decode loop reads local
-    # weights; "sharded" = decode from the training layout (no copy; XLA then all-gathers every
-    # layer's weights at every decoded token).
+    # weights; "sharded" = decode from the training layout (no copy; XLA then communicates inside
+    # the decode loop at every token).
     c.sampler.weight_layout = "gathered"
     # Rows that stop early are dropped once the rest fit a smaller batch bucket (the loop goes on
     # in that bucket, one more decode program per bucket used); same tokens either way.
     c.sampler.compact_rows = True
+    # "unstacked": each decode call copies every layer's weights out of the stacked arrays first
+    # (XLA:CPU otherwise copies them at every token); "stacked": no copy; "auto": unstacked on CPU.
+    c.sampler.decode_weights = "auto"
 
     # --- the multiagent system ------------------------------------------------------------------
     c.topology = mathchat_config()  # or data_science_config(); see mappa_jax/workflows/topologies.py
@@ -219,6 +223,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.sampler.weight_layout not in ("gathered", "sharded"):
         raise ConfigError("config key 'sampler.weight_layout' must be 'gathered' or 'sharded', "
                           f"got {config.sampler.weight_layout!r}")
+    if config.sampler.get("decode_weights", "auto") not in DECODE_WEIGHTS:
+        raise ConfigError(f"config key 'sampler.decode_weights' must be one of {DECODE_WEIGHTS}, "
+                          f"got {config.sampler.decode_weights!r}")
     if config.policy.mode not in ("lora", "full"):
         raise ConfigError(f"config key 'policy.mode' must be 'lora' or 'full', got {config.policy.mode!r}")
     for key in ("steps", "tasks_per_step", "samples_per_task", "eval_samples", "checkpoint_every",

@@ -30,7 +30,7 @@ from mappa_jax import parallel
 from mappa_jax.config import ConfigError, validate
 from mappa_jax.models import weights
 from mappa_jax.models.config import ModelConfig
-from mappa_jax.models.decoder import KVCache, compute_copy
+from mappa_jax.models.decoder import compute_copy
 from mappa_jax.models.known import architecture
 from mappa_jax.models.lora import LoraAdapters
 from mappa_jax.parallel import memory_check
@@ -99,7 +99,7 @@ def build_updater(config, model_cfg: ModelConfig, topology, mesh) -> PolicyUpdat
 def sampler_config(config, pad_token_id: int) -> SamplerConfig:
     """config.sampler as the Sampler's SamplerConfig."""
     sc = config.sampler
-    extra = {key: sc[key] for key in ("weight_layout", "compact_rows") if key in sc}
+    extra = {key: sc[key] for key in ("weight_layout", "compact_rows", "decode_weights") if key in sc}
     return SamplerConfig(
         batch_buckets=tuple(sc.batch_buckets), prompt_buckets=tuple(sc.prompt_buckets),
         generation_buckets=tuple(sc.generation_buckets), compute_dtype=sc.compute_dtype or None,
@@ -211,7 +211,7 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
     updater = build_updater(config, model_cfg, topology, mesh)
     sampler = Sampler(model_cfg, sampler_config(config, model_cfg.eos_token_ids[0] if model_cfg.eos_token_ids else 0),
                       mesh=mesh)
-    work = memory_check.workload_from_config(config, model_cfg)
+    work = memory_check.workload_from_config(config, model_cfg, "cpu" if sampler.unstacks_weights else None)
     estimate = memory_check.estimate(work, {a: int(mesh.shape[a]) for a in parallel.AXES})
     policies = topology.policies
     replicated = parallel.replicated(mesh)
@@ -283,7 +283,7 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
     shared = (stop_ids, jax.ShapeDtypeStruct(table_shape, jnp.int32, sharding=replicated),
               jax.ShapeDtypeStruct(accept_shape, jnp.int32, sharding=replicated))
     scalars = (scalar(jnp.uint32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32))
-    cache_sharding = NamedSharding(mesh, P(None, parallel.BATCH_AXES, None, None, None))
+    cache_sharding = NamedSharding(mesh, P(parallel.BATCH_AXES, None, None, None))
     for b in sampler.config.batch_buckets:
         prefill_args = (sampler_params, sampler_lora, batch((b, prompt_len), jnp.int32),
                         batch((b, prompt_len), jnp.bool_), batch((b,), jnp.int32))
@@ -294,7 +294,7 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
                                 f"{b} rows x {prompt_len} prompt tokens, +{new_tokens} cache slots",
                                 rollout.resident + rollout.rollout, rows=b))
         cache, logits = jax.eval_shape(functools.partial(prefill, **kwargs), *prefill_args)
-        cache = KVCache(*(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding) for c in (cache.k, cache.v)))
+        cache = cache.map(lambda c: jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=cache_sharding))
         logits = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=parallel.batch_sharding(mesh, 2))
         progress = DecodeProgress(scalar(jnp.int32), batch((b,), jnp.bool_), batch((b,), jnp.bool_),
                                   batch((b,), jnp.int32), batch((b, table_shape[0]), jnp.int32),

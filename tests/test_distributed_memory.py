@@ -212,6 +212,10 @@ def test_training_length_follows_the_sampler_buckets_the_trainer_pads_to():
     # No prompt limit: the largest prompt bucket.
     config.topology.max_prompt_tokens = 0
     assert mc.workload_from_config(config, ModelConfig.tiny()).train_seq_len == 1024 + 128
+    # sampler.decode_weights "auto" copies the weights out of the stack on CPU only.
+    assert [mc.workload_from_config(config, ModelConfig.tiny(), p).sampler_unstacked for p in ("cpu", "tpu")] == [True, False]
+    config.sampler.decode_weights = "stacked"
+    assert not mc.workload_from_config(config, ModelConfig.tiny(), "cpu").sampler_unstacked
 
 
 def test_remat_and_blockwise_come_from_the_run_config():

@@ -326,3 +326,24 @@ def test_rows_that_stop_early_are_dropped_with_the_same_tokens(tiny):
     assert got.decode_row_steps == expected
     assert ref.decode_row_steps == 8 * ref.decode_steps > expected
     assert got.decode_steps == ref.decode_steps
+
+
+def test_stacked_and_unstacked_decode_weights_sample_the_same(tiny):
+    """sampler.decode_weights only changes where each layer's weights are sliced out of the stack
+    (once per decode call, or inside the loop at every token): same tokens and logprobs, with and
+    without LoRA adapters (sliced the same way)."""
+    cfg, state, sampler = tiny
+    assert sampler.unstacks_weights  # "auto" on CPU
+    stacked = Sampler(cfg, dataclasses.replace(sampler.config, decode_weights="stacked"))
+    assert not stacked.unstacks_weights
+    lora = LoraAdapters(cfg, rank=4, alpha=8.0, targets=("k_proj", "up_proj"), rngs=nnx.Rngs(5))
+    for name in lora.targets:
+        b = getattr(lora, f"{name}_b")
+        b[...] = 0.5 * jax.random.normal(jax.random.key(len(name)), b.shape)
+    for adapters in (None, lora):
+        kw = dict(max_new_tokens=12, temperature=1.0, seed=3, stop_token_ids=[], lora=adapters)
+        got, ref = sampler.generate(state, PROMPTS, **kw), stacked.generate(state, PROMPTS, **kw)
+        np.testing.assert_array_equal(got.tokens, ref.tokens)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-6)
+    with pytest.raises(ValueError, match="decode_weights"):
+        SamplerConfig(decode_weights="per_layer")

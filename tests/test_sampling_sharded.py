@@ -35,8 +35,8 @@ CHILD = textwrap.dedent('''
         rows = np.zeros((8,), np.int32)
         cache, _ = prefill(sharded.place_weights(state), None, sharded._put_batch(np.ones((8, 16), np.int32)),
                            sharded._put_batch(np.ones((8, 16), bool)), sharded._put_batch(rows), generation_slots=16)
-        assert len(cache.k.sharding.device_set) == 8
-        assert cache.k.sharding.shard_shape(cache.k.shape)[1] == 8 // (axes.get("data", 1) * axes.get("fsdp", 1))
+        assert len(cache.k[0].sharding.device_set) == 8
+        assert cache.k[0].sharding.shard_shape(cache.k[0].shape)[0] == 8 // (axes.get("data", 1) * axes.get("fsdp", 1))
     try:
         Sampler(cfg, SamplerConfig(batch_buckets=(4, 8)), make_mesh(data=8))
         raise SystemExit("batch buckets that the mesh cannot split were accepted")

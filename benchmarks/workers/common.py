@@ -33,11 +33,13 @@ class Prepared:
     what one call produces (generated tokens, or trained tokens), unless `call` returns that call's
     count (workloads where rows stop at EOS); `check()` runs once after timing,
     untimed, and returns extra info (e.g. `greedy_tokens`: the first greedy tokens of prompt 0,
-    which the parent compares across systems as a correctness check)."""
+    which the parent compares across systems as a correctness check); `timing_starts()` runs
+    once between the warm-up and the timed calls (e.g. to drop figures the warm-up recorded)."""
     call: Callable[[int], None]
     units: int
     info: dict = dataclasses.field(default_factory=dict)
     check: Callable[[], dict] | None = None
+    timing_starts: Callable[[], None] | None = None
 
 
 class Unavailable(Exception):
@@ -107,6 +109,8 @@ def run(prepare: Callable[[dict, str], Prepared]):
             start = time.perf_counter()
             built.call(1000 + i)
             warmup.append(time.perf_counter() - start)
+        if built.timing_starts:
+            built.timing_starts()
         seconds, units = [], []
         for r in range(spec["repeats"]):
             start = time.perf_counter()

@@ -71,7 +71,8 @@ def prepare(workload: dict, system: str) -> common.Prepared:
                 "compile_s": round(compile_s, 2), "cache_dtype": np.dtype(sampler.cache_dtype).name,
                 "param_bytes": int(sum(x.nbytes for x in jax.tree.leaves(state)))}
 
-    return common.Prepared(call, batch * new_tokens, dict(common.prompt_info(prompts), settings="float32, stop_token_ids=[]"), check)
+    return common.Prepared(call, batch * new_tokens, dict(common.prompt_info(prompts), settings="float32, stop_token_ids=[]"),
+                           check, timing_starts=last.clear)  # decode figures of the timed calls only
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ parameter has one sharding rule (see `mappa_jax.parallel`).
 Attention takes an explicit key mask. Without a cache the keys are the input tokens; with a cache
 the keys are the cache slots, the new keys are written at `cache_index`, and query i sits at slot
 `cache_index + i`. Positions are an input, so left-padded rows get the same RoPE phases (and logits)
-as the unpadded sequence. The cache is [L, B, Hkv, S, D], slots next to head_dim, so that a decode
-step reads each (row, head)'s keys and values as one contiguous block.
+as the unpadded sequence. The cache holds one [B, Hkv, S, D] array per layer, slots next to
+head_dim, so that a decode step reads each (row, head)'s keys and values as one contiguous block.
+Calls with a cache (decoding) run the layers as an unrolled Python loop over those arrays: XLA:CPU
+copies any slice of a stacked array that a loop body reads, so a scan over a stacked cache (or
+stacked weights) inside the decode loop copies every layer's cache and weights at every token.
 """
 from __future__ import annotations
 
@@ -37,19 +40,24 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values of every layer: [layers, batch, kv_heads, slots, head_dim]."""
-    k: jax.Array
-    v: jax.Array
+    """Keys and values, one array per layer: [batch, kv_heads, slots, head_dim] each."""
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
         dtype = dtype or cfg.jnp_dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        layers = range(cfg.num_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers))
 
     @property
     def slots(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    def map(self, fn) -> "KVCache":
+        """`fn` applied to every layer's keys and values."""
+        return KVCache(tuple(map(fn, self.k)), tuple(map(fn, self.v)))
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -311,25 +319,42 @@ class Decoder(nnx.Module):
         names += ["q_norm", "k_norm"] if self.cfg.qk_norm else []
         return {name: getattr(self, name)[...] for name in names}
 
+    def layer_slices(self, lora=None, materialize: bool = False) -> list[tuple[dict, dict | None]]:
+        """Every layer's (weights, LoRA adapters) as arrays of their own, for a call with a cache.
+        materialize: copy them out of the stacked arrays here, behind a barrier, so that a loop
+        around the call (the decode loop) reads them in place; without it XLA:CPU re-slices (copies)
+        every layer's weights at every iteration. One more copy of the weights while it lives."""
+        stacked = self.layer_params()
+        adapters = None if lora is None else lora.layer_params()
+        layers = [(jax.tree.map(lambda w, i=i: w[i], stacked),
+                   None if adapters is None else jax.tree.map(lambda w, i=i: w[i], adapters))
+                  for i in range(self.cfg.num_layers)]
+        return jax.lax.optimization_barrier(layers) if materialize else layers
+
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array,
                  cache: KVCache | None = None, cache_index: jax.Array | int = 0,
                  lora=None, return_hidden: bool = False,
-                 activation_sharding: jax.sharding.Sharding | None = None) -> tuple[jax.Array, KVCache | None]:
+                 activation_sharding: jax.sharding.Sharding | None = None,
+                 build_cache=None, layers=None) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions: [B, T] int; kv_mask: [B, S] bool over keys (S = T without a cache,
         else the cache's slots). Returns float32 logits [B, T, V] and the updated cache; with
         return_hidden, the final-norm hidden states [B, T, H] instead of logits, so a caller that
         needs few positions' logits (the trainer: generated tokens only) applies `head` to those.
         activation_sharding: the residual stream's [B, T, H] sharding at every layer boundary (the
         trainer's rows over the mesh's data axes); without it XLA may follow the FSDP-sharded
-        weights instead and give every device all the rows (4x the compute and activations)."""
+        weights instead and give every device all the rows (4x the compute and activations).
+        build_cache: a dtype; without a cache, also return a new T-slot cache of these tokens'
+        keys and values in it (a prefill: the layers still run as one scan; attention reads the
+        keys as the cache stores them, so later steps see the same numbers).
+        layers: `layer_slices(lora)` for a call with a cache (default: sliced here)."""
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         constrain = ((lambda x: x) if activation_sharding is None else
                      (lambda x: jax.lax.with_sharding_constraint(x, activation_sharding)))
         b, t = tokens.shape
         inv_freq = rope_inv_freq(cfg)
         q_slots = cache_index + jnp.arange(t)
-        adapters = None if lora is None else lora.layer_params()
         lora_scale = 0.0 if lora is None else lora.scale
+        cache_dtype = None if build_cache is None else jnp.dtype(build_cache)
 
         def linear(x, w, name, lp_lora):
             y = x @ w.astype(dt)
@@ -338,10 +363,11 @@ class Decoder(nnx.Module):
                 y = y + ((x @ a.astype(dt)) @ bb.astype(dt)) * lora_scale
             return y
 
-        def layer(carry, xs):
-            x, cache_k, cache_v, index = carry
+        def layer(x, lp, lp_lora, cache_layer):
+            """One layer. cache_layer: this layer's (k, v) cache arrays, or None. Returns the new x
+            and the layer's updated cache arrays, or with build_cache its new keys and values in
+            the cache layout [B, Hkv, T, D] (else None)."""
             x = constrain(x)
-            lp, lp_lora = xs
             h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
             q = linear(h, lp["q_proj"], "q_proj", lp_lora)
             k = linear(h, lp["k_proj"], "k_proj", lp_lora)
@@ -355,16 +381,16 @@ class Decoder(nnx.Module):
                 q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
                 k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-            kv_layout = KEYS_FROM_INPUT
-            if cache_k is not None:
-                # Write only the new slots into the whole cache (in place under donation), then
-                # read this layer's slice: updating a sliced-out copy and writing it back costs
-                # several full-cache copies per decode step.
-                start = (index, 0, 0, cache_index, 0)
-                new_slots = lambda x: jnp.swapaxes(x, 1, 2).astype(cache_k.dtype)[None]  # [1,B,Hkv,T,D]
-                cache_k = jax.lax.dynamic_update_slice(cache_k, new_slots(k), start)
-                cache_v = jax.lax.dynamic_update_slice(cache_v, new_slots(v), start)
-                k, v, kv_layout = cache_k[index].astype(dt), cache_v[index].astype(dt), KEYS_FROM_CACHE
+            kv_layout, kept = KEYS_FROM_INPUT, None
+            if cache_layer is not None:
+                # Only the new slots are written (in place under donation).
+                new_slots = lambda x, c: jnp.swapaxes(x, 1, 2).astype(c.dtype)  # [B,Hkv,T,D]
+                kept = tuple(jax.lax.dynamic_update_slice(c, new_slots(x, c), (0, 0, cache_index, 0))
+                             for x, c in zip((k, v), cache_layer))
+                k, v, kv_layout = kept[0].astype(dt), kept[1].astype(dt), KEYS_FROM_CACHE
+            elif cache_dtype is not None:
+                kept = tuple(jnp.swapaxes(x, 1, 2).astype(cache_dtype) for x in (k, v))
+                k, v = (x.astype(cache_dtype).astype(dt) for x in (k, v))
             if cfg.attention_impl == "blockwise":
                 attn = blockwise_attention(q, k, v, q_slots, kv_mask, dt, cfg.attention_block_size,
                                            cfg.attention_query_block, kv_layout)
@@ -374,17 +400,25 @@ class Decoder(nnx.Module):
             h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
             gated = jax.nn.silu(linear(h, lp["gate_proj"], "gate_proj", lp_lora)) * linear(h, lp["up_proj"], "up_proj", lp_lora)
             x = x + linear(gated, lp["down_proj"], "down_proj", lp_lora)
-            return (constrain(x), cache_k, cache_v, index + 1), None
+            return constrain(x), kept
 
-        if cfg.remat:
-            # Backprop keeps each layer's input only and recomputes the layer (see REMAT_POLICIES).
-            layer = jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
-                                   prevent_cse=False)
         x = self.embed[...].astype(dt)[tokens]
-        init = (x, None if cache is None else cache.k, None if cache is None else cache.v, 0)
-        (x, cache_k, cache_v, _), _ = jax.lax.scan(layer, init, (self.layer_params(), adapters))
+        if cache is not None:
+            ks, vs = list(cache.k), list(cache.v)
+            for i, (lp, lp_lora) in enumerate(layers if layers is not None else self.layer_slices(lora)):
+                x, (ks[i], vs[i]) = layer(x, lp, lp_lora, (ks[i], vs[i]))
+            new_cache = KVCache(tuple(ks), tuple(vs))
+        else:
+            def scanned(x, xs):
+                return layer(x, *xs, None)
+            if cfg.remat:
+                # Backprop keeps each layer's input only and recomputes the layer (see REMAT_POLICIES).
+                scanned = jax.checkpoint(scanned, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                                         prevent_cse=False)
+            adapters = None if lora is None else lora.layer_params()
+            x, kv = jax.lax.scan(scanned, x, (self.layer_params(), adapters))
+            new_cache = None if kv is None else KVCache(*(tuple(a[i] for i in range(cfg.num_layers)) for a in kv))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        new_cache = None if cache is None else KVCache(cache_k, cache_v)
         return (x if return_hidden else self.head(x)), new_cache
 
     def head(self, hidden: jax.Array) -> jax.Array:

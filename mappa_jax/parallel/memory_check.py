@@ -15,7 +15,8 @@ The estimate follows what the code keeps on each device:
 - while one agent samples: the sampler's gathered copy of its weights when fsdp > 1 and
   sampler.weight_layout is "gathered" (whole over fsdp, split over tensor, in the dtype the sampler
   reads: mappa_jax/sampling/sampler.py gathers it once per generate call so that the decode loop
-  does not all-gather weights at every token), its KV cache (batch split over data x fsdp, not over
+  does not communicate over fsdp at every token) and, with sampler.decode_weights unstacked (CPU),
+  the per-layer copy each decode call makes of it, its KV cache (batch split over data x fsdp, not over
   tensor) and the prefill's layer temporaries, attention scores (dense [P, P] for short prompts; query x key
   blocks past sampler.prefill_block_size) and last-position logits.
 Peak = resident + max(update, rollout). Parameter bytes are exact (the real sharding rules applied to
@@ -82,6 +83,8 @@ class Workload:
     # sampler.weight_layout: "gathered" = the sampler gathers the sampling agent's weights over fsdp
     # for each generate call (a copy while it samples); "sharded" = it decodes from the training layout.
     sampler_weight_layout: str = "gathered"
+    # sampler.decode_weights resolved: True = each decode call copies the weights out of the stack.
+    sampler_unstacked: bool = False
 
     def __post_init__(self):
         for key in ("num_agents", "train_micro_batch", "train_seq_len", "rollout_rows",
@@ -171,19 +174,21 @@ def _abstract_adapters(cfg: ModelConfig, rank: int, targets):
 
 
 def _sampler_weight_bytes(work: Workload, sizes: Mapping[str, int]) -> int:
-    """Per-device bytes of the sampler's gathered copy of one agent's weights (LoRA: the base and
-    that agent's adapters), as it reads them (compute dtype) in `decode_param_shardings`' layout,
-    i.e. the parameter rules on this mesh with fsdp = 1. 0 without fsdp or with the "sharded"
-    layout, where the sampler decodes from the weights as they are."""
-    if work.sampler_weight_layout != "gathered" or sizes["fsdp"] == 1:
+    """Per-device bytes of the sampler's copies of one agent's weights (LoRA: the base and that
+    agent's adapters), as it reads them (compute dtype): the gathered copy, in
+    `decode_param_shardings`' layout (the parameter rules on this mesh with fsdp = 1; none without
+    fsdp or with the "sharded" layout), and the unstacked copy that decode makes of what it reads."""
+    gathered = work.sampler_weight_layout == "gathered" and sizes["fsdp"] > 1
+    copies = int(gathered) + int(work.sampler_unstacked)
+    if not copies:
         return 0
     from mappa_jax.models.decoder import compute_copy
-    whole = dict(sizes, fsdp=1)
+    whole = dict(sizes, fsdp=1) if gathered else sizes
     total = _sharded_bytes(compute_copy(_abstract_params(work.model), work.model.jnp_dtype), whole)
     if work.lora_rank:
         adapters = _abstract_adapters(work.model, work.lora_rank, work.lora_targets)
         total += _sharded_bytes(compute_copy(adapters, work.model.jnp_dtype), whole)
-    return total
+    return copies * total
 
 
 # ---- the estimate --------------------------------------------------------------------------------
@@ -372,12 +377,15 @@ def _bucket(size: int, buckets) -> int:
     return next((b for b in buckets if b >= size), buckets[-1])
 
 
-def workload_from_config(config, model: ModelConfig) -> Workload:
+def workload_from_config(config, model: ModelConfig, platform: str | None = None) -> Workload:
     """The worst case a run config (mappa_jax/config.py layout) can reach. The trainer pads actions
     in the "split" layout (mappa_jax/train.py -> rl.experience.build_experience): the prompt to a
     sampler prompt bucket, the generation to a sampler generation bucket, and computes logits on the
     generation only. The longest prompt is the smaller of topology.max_prompt_tokens (0 = no limit)
-    and the largest prompt bucket; the longest generation is the largest agent max_new_tokens."""
+    and the largest prompt bucket; the longest generation is the largest agent max_new_tokens.
+    platform: the devices' ("cpu", "tpu", ...), which resolves sampler.decode_weights "auto"."""
+    decode_weights = config.sampler.get("decode_weights", "auto")
+    unstacked = decode_weights == "unstacked" or (decode_weights == "auto" and platform == "cpu")
     agents = config.topology.agents
     policies = {agents[name].policy for name in agents}
     new_tokens = max(int(agents[name].max_new_tokens) for name in agents)
@@ -399,7 +407,8 @@ def workload_from_config(config, model: ModelConfig) -> Workload:
         flash_attention=m.get("train_attention", model.attention_impl) == "blockwise",
         attention_block=int(m.get("train_attention_block", model.attention_block_size)),
         prefill_block=int(config.sampler.get("prefill_block_size", 0)),
-        sampler_weight_layout=config.sampler.get("weight_layout", "gathered"))
+        sampler_weight_layout=config.sampler.get("weight_layout", "gathered"),
+        sampler_unstacked=unstacked)
 
 
 def _first_device(mesh):
@@ -423,7 +432,7 @@ def check_run(config, model: ModelConfig, mesh, device_bytes: int | None = None,
     if enforce is None:
         enforce = device.platform != "cpu"
     sizes = {a: int(mesh.shape[a]) for a in AXES}
-    return check_memory(workload_from_config(config, model), sizes,
+    return check_memory(workload_from_config(config, model, device.platform), sizes,
                         device_memory_bytes(device) if device_bytes is None else device_bytes,
                         num_devices=math.prod(sizes.values()), headroom=headroom, enforce=enforce)
 

@@ -5,6 +5,7 @@ import dataclasses
 
 _DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_LAYOUTS = ("gathered", "sharded")
+DECODE_WEIGHTS = ("auto", "unstacked", "stacked")
 
 
 def _check_buckets(name: str, buckets) -> tuple[int, ...]:
@@ -33,11 +34,18 @@ class SamplerConfig:
     weight_layout: how the programs hold the weights on a mesh with fsdp > 1. "gathered": each
         generate call first gathers them whole over "fsdp" (still split over "tensor"), a copy that
         lives for that call, so the decode loop reads local weights; "sharded": the training layout
-        as passed, which costs no copy but makes XLA all-gather every layer's weights inside the
-        decode loop at every token. Same tokens either way.
+        as passed, which costs no copy but makes XLA communicate inside the decode loop at every
+        token (compiled for cpu:8 it gathers activations; the scanned, stacked decode gathered
+        every layer's weights). Same tokens either way.
     compact_rows: when the rows still decoding fit a smaller batch bucket, drop the stopped ones
         and continue in that bucket (one more compiled decode program per bucket used), so rows
         that finish early stop costing decode work. Same tokens either way.
+    decode_weights: "unstacked" = each decode call first copies every layer's weights out of the
+        stacked arrays (one more copy of the sampled weights while it decodes), so that its loop
+        reads them in place; "stacked" = the loop slices each layer out of the stacked arrays at
+        every token, which XLA:CPU does by copying (SmolLM2-135M decodes ~1.6x slower at batch 32,
+        benchmarks/decode_profile.py). "auto" = unstacked on CPU, stacked elsewhere (not measured
+        on TPU or GPU, whose compilers can fuse the slice into the matmul). Same tokens either way.
     """
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -48,6 +56,7 @@ class SamplerConfig:
     prefill_block_size: int = 1024
     weight_layout: str = "gathered"
     compact_rows: bool = True
+    decode_weights: str = "auto"
 
     def __post_init__(self):
         for name in ("batch_buckets", "prompt_buckets", "generation_buckets"):
@@ -58,6 +67,8 @@ class SamplerConfig:
                 raise ValueError(f"sampler.{name}={value!r} is not one of {_DTYPES} or None")
         if self.weight_layout not in WEIGHT_LAYOUTS:
             raise ValueError(f"sampler.weight_layout={self.weight_layout!r} is not one of {WEIGHT_LAYOUTS}")
+        if self.decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"sampler.decode_weights={self.decode_weights!r} is not one of {DECODE_WEIGHTS}")
         if int(self.prefill_block_size) < 0:
             raise ValueError(f"sampler.prefill_block_size must be >= 0, got {self.prefill_block_size}")
 

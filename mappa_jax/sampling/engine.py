@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mappa_jax.models.decoder import KVCache, positions_from_mask
+from mappa_jax.models.decoder import positions_from_mask
 from mappa_jax.sampling.sample import next_tokens, row_keys
 
 
@@ -31,8 +31,8 @@ def _constrain(x, mesh, spec):
 
 
 def _cache_spec(batch_axes):
-    """KV cache [L, B, Hkv, S, D]: rows split over the batch axes, the rest whole on each device."""
-    return P(None, batch_axes, None, None, None)
+    """A KV-cache layer [B, Hkv, S, D]: rows split over the batch axes, the rest whole on each device."""
+    return P(batch_axes, None, None, None)
 
 
 @jax.tree_util.register_dataclass
@@ -60,10 +60,11 @@ class DecodeProgress:
 
 
 def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh=None, batch_axes=None,
-                   long_prompt_graphdef=None, long_prompt: int = 0):
+                   long_prompt_graphdef=None, long_prompt: int = 0, unstack_layers: bool = False):
     """(prefill, decode, compact) jitted for one model graph (and one LoRA graph, or None). Prompts
     longer than `long_prompt` prefill with `long_prompt_graphdef` (the same model, blockwise
-    attention)."""
+    attention). unstack_layers: decode copies every layer's weights out of the stacked arrays once
+    per call, before its loop (`Decoder.layer_slices(materialize=True)`)."""
 
     def merged(params, lora, graph=graphdef):
         model = nnx.merge(graph, params)
@@ -73,23 +74,21 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
         batch, prompt_len = tokens.shape
         long = long_prompt_graphdef is not None and prompt_len > long_prompt
         model, adapters = merged(params, lora, long_prompt_graphdef if long else graphdef)
-        cache = KVCache.zeros(model.cfg, batch, prompt_len, cache_dtype)
-        hidden, cache = model(tokens, positions_from_mask(mask), mask, cache=cache, cache_index=0, lora=adapters,
-                              return_hidden=True)
+        hidden, cache = model(tokens, positions_from_mask(mask), mask, lora=adapters, return_hidden=True,
+                              build_cache=model.cfg.jnp_dtype if cache_dtype is None else cache_dtype)
         # Left padding: every row's last slot is real. The head runs on that position only.
         last = model.head(jnp.take(hidden[:, -1], row_source, axis=0))
 
-        def grow(c):  # [L, B, Hkv, P, D] -> [L, rows, Hkv, P + G, D]
-            rows = jnp.take(c, row_source, axis=1)
-            return jnp.pad(rows, ((0, 0), (0, 0), (0, 0), (0, generation_slots), (0, 0)))
+        def grow(c):  # [B, Hkv, P, D] -> [rows, Hkv, P + G, D]
+            rows = jnp.pad(jnp.take(c, row_source, axis=0), ((0, 0), (0, 0), (0, generation_slots), (0, 0)))
+            return _constrain(rows, mesh, _cache_spec(batch_axes))
 
-        cache = KVCache(_constrain(grow(cache.k), mesh, _cache_spec(batch_axes)),
-                        _constrain(grow(cache.v), mesh, _cache_spec(batch_axes)))
-        return cache, _constrain(last, mesh, P(batch_axes, None))
+        return cache.map(grow), _constrain(last, mesh, P(batch_axes, None))
 
     def decode(params, lora, cache, logits, prompt_mask, row_ids, progress, exit_below, seed, temperature, top_k,
                top_p, max_new, stop_ids, stop_table, stop_accept):
         model, adapters = merged(params, lora)
+        layers = model.layer_slices(adapters, materialize=unstack_layers)
         rows, prompt_len = prompt_mask.shape
         budget = cache.slots - prompt_len
         prompt_lens = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
@@ -119,7 +118,7 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
                 logprobs=jax.lax.dynamic_update_index_in_dim(p.logprobs, logprobs, step, axis=1))
             positions = (prompt_lens + step)[:, None]
             logits, cache = model(tokens[:, None], positions, kv_mask, cache=cache,
-                                  cache_index=prompt_len + step, lora=adapters)
+                                  cache_index=prompt_len + step, lora=adapters, layers=layers)
             return p, logits[:, 0], cache
 
         # Everything carried is returned, so that the donated inputs alias the outputs: the loop
@@ -131,8 +130,7 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
         take = lambda x, axis=0: _constrain(jnp.take(x, keep, axis=axis), mesh,
                                             P(*([None] * axis), batch_axes, *([None] * (x.ndim - axis - 1))))
         rows_of = lambda x: take(x) if x.ndim else x  # the step counter is shared by all rows
-        cache = KVCache(take(cache.k, 1), take(cache.v, 1))
-        return cache, take(logits), take(prompt_mask), take(row_ids), jax.tree.map(rows_of, progress)
+        return cache.map(take), take(logits), take(prompt_mask), take(row_ids), jax.tree.map(rows_of, progress)
 
     prefill_jit = jax.jit(prefill, static_argnames=("generation_slots",))
     decode_jit = jax.jit(decode, donate_argnames=("cache", "logits", "progress"))

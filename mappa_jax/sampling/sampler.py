@@ -100,8 +100,17 @@ class Sampler:
         if lora_graphdef not in self._programs:
             self._programs[lora_graphdef] = build_programs(
                 self.graphdef, lora_graphdef, self.cache_dtype, self.config.pad_token_id, self.mesh, self.batch_axes,
-                long_prompt_graphdef=self.prefill_graphdef, long_prompt=int(self.config.prefill_block_size))
+                long_prompt_graphdef=self.prefill_graphdef, long_prompt=int(self.config.prefill_block_size),
+                unstack_layers=self.unstacks_weights)
         return self._programs[lora_graphdef]
+
+    @property
+    def unstacks_weights(self) -> bool:
+        """Whether decode copies each layer's weights out of the stack per call (sampler.decode_weights)."""
+        if self.config.decode_weights != "auto":
+            return self.config.decode_weights == "unstacked"
+        devices = getattr(self.mesh, "devices", None)  # an AbstractMesh has none: the default backend's
+        return (jax.default_backend() if devices is None else devices.flat[0].platform) == "cpu"
 
     def num_compiled(self) -> int:
         """Compiled (shape-specialised) programs so far, over all LoRA variants."""
