@@ -269,3 +269,22 @@ def test_lora_trains_float32_adapters_over_a_bf16_base(master):
     assert b and all(np.abs(v).max() == pytest.approx(1e-6, rel=0.05) for v in b.values())  # one lr-sized step from 0
     after = floats(base)
     assert all(np.array_equal(after[n], base_before[n]) for n in after)  # the shared base is frozen
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [("bfloat16", "float32"), ("bfloat16", None), ("float32", None)])
+def test_decoder_matmul_backward_equals_autodiff_of_dot(dtype, out_dtype):
+    """The decoder's `matmul` (a hand-written backward pass) against autodiff of jnp.dot: the same
+    gradients in the inputs' dtypes, with bf16 inputs and float32 outputs (the logits head) too."""
+    from mappa_jax.models.decoder import matmul
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, 3, 16)).astype(dtype)
+    w = jax.random.normal(keys[1], (16, 8)).astype(dtype)
+    cotangent = jax.random.normal(keys[2], (2, 3, 8))
+    out = None if out_dtype is None else jnp.dtype(out_dtype)
+    ours = jax.grad(lambda x, w: jnp.sum(matmul(x, w, out).astype(jnp.float32) * cotangent), (0, 1))(x, w)
+    plain = jax.grad(lambda x, w: jnp.sum(jnp.dot(x, w, preferred_element_type=out).astype(jnp.float32)
+                                          * cotangent), (0, 1))(x, w)
+    for a, b in zip(ours, plain):
+        assert a.dtype == b.dtype == jnp.dtype(dtype)
+        tol = 1e-2 if dtype == "bfloat16" else 1e-5
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)

@@ -251,6 +251,33 @@ def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512,
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, hq * d).astype(dtype)
 
 
+# ---- matmul with a direct weight gradient ------------------------------------------------------
+# Autodiff transposes `x @ w` into dw = (dy^T x)^T; XLA:CPU folds that transpose into the dot by
+# swapping its operands, then copies dy (fused with whatever elementwise backward produced it, e.g.
+# SiLU's) into a transposed layout and runs the dot off its fast path: 40 % of a SwiGLU MLP's
+# backward pass (benchmarks/update.py). Contracting x and dy over their leading axes directly
+# keeps both dots on the fast path. Same values; only the backward program differs.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., I] @ w [I, O] (in `out_dtype` when given, e.g. float32 logits from bf16 inputs)."""
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
+
+
+def _matmul_fwd(x, w, out_dtype):
+    return matmul(x, w, out_dtype), (x, w)
+
+
+def _matmul_bwd(out_dtype, residuals, dy):
+    x, w = residuals
+    dx = jnp.einsum("...o,io->...i", dy, w)
+    dw = jnp.einsum("...i,...o->io", x, dy)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 # ---- precision ---------------------------------------------------------------------------------
 # Parameters live in ModelConfig.param_dtype (the master copy that the optimizer updates: float32
 # under bf16 compute) and are cast to the compute dtype `ModelConfig.dtype` where they are used,
@@ -357,10 +384,10 @@ class Decoder(nnx.Module):
         cache_dtype = None if build_cache is None else jnp.dtype(build_cache)
 
         def linear(x, w, name, lp_lora):
-            y = x @ w.astype(dt)
+            y = matmul(x, w.astype(dt))
             if lp_lora is not None and name in lp_lora:
                 a, bb = lp_lora[name]
-                y = y + ((x @ a.astype(dt)) @ bb.astype(dt)) * lora_scale
+                y = y + matmul(matmul(x, a.astype(dt)), bb.astype(dt)) * lora_scale
             return y
 
         def layer(x, lp, lp_lora, cache_layer):
@@ -424,7 +451,7 @@ class Decoder(nnx.Module):
     def head(self, hidden: jax.Array) -> jax.Array:
         """Final-norm hidden states [..., H] -> float32 logits [..., V]."""
         weight = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return jnp.dot(hidden, weight.astype(self.cfg.jnp_dtype), preferred_element_type=jnp.float32)
+        return matmul(hidden, weight.astype(self.cfg.jnp_dtype), jnp.float32)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
