@@ -11,6 +11,8 @@ ratios to mappa_jax and the decode fraction of the memory roofline, plus the raw
     python benchmarks/compare.py                      # everything; writes docs/benchmarks.md (+ .json)
     python benchmarks/compare.py --quick --out smoke.md   # smoke sizes: checks the machinery only
     python benchmarks/compare.py --systems mappa_sampler llama_cpp_f32 --workloads sample_b32
+    python benchmarks/compare.py --workloads update_small update_smollm2 --merge   # re-measure these,
+                                                      # keep the other sections (each says its commit)
 
 A system that cannot run here (package missing, build failed) is reported with its reason.
 """
@@ -24,6 +26,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -175,6 +178,17 @@ def machine() -> dict:
                 commit=(commit.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty.stdout.strip() else ""))
 
 
+def previous_sections(raw: dict, md_text: str) -> dict:
+    """{workload name: provenance} of an earlier report's sections (its raw JSON, and its markdown
+    for the commit of reports written before sections recorded one)."""
+    if "sections" in raw:
+        return raw["sections"]
+    match = re.search(r"; commit ([^.]+)\.", md_text)
+    commit = match.group(1) if match else "unknown"
+    return {r["workload"]: dict(commit=commit, started=raw["started"], command=raw["command"],
+                                ceilings=raw["ceilings"]) for r in raw["runs"]}
+
+
 def decode_roofline(workload: dict, summary: dict, ceilings: dict) -> tuple[float, str] | None:
     """(tokens/s, the binding limit) if every decode step took only the longer of reading the float32
     weights once plus the live KV cache (mean context: prompt + half the generation) at the best
@@ -221,8 +235,11 @@ def _table(header: list[str], rows: dict, cells) -> list[str]:
 
 
 def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dict, ceiling_run: dict,
-           order: list[dict], started: datetime.datetime, elapsed: float) -> str:
+           order: list[dict], started: datetime.datetime, elapsed: float, sections: dict | None = None) -> str:
+    """sections: {workload name: provenance} of sections kept from an earlier run (--merge); they are
+    reported with that run's commit, date and machine ceilings."""
     host = machine()
+    sections = sections or {}
     lines = ["# Benchmarks", ""]
     if args.quick:
         lines += ["**Smoke run (`--quick`): tiny sizes that check the machinery, not a measurement.**", ""]
@@ -236,6 +253,10 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
               f"the median over all timed calls of all rounds, with min-max in brackets; 'load' is the 1-minute "
               f"load average before -> after each process. Ratios are mappa_jax's median over the peer's (in "
               f"brackets: ours' slowest over theirs' fastest, ours' fastest over theirs' slowest).", ""]
+    if sections:
+        kept = sorted({(p["commit"], p["started"][:16].replace("T", " ")) for p in sections.values()})
+        lines += ["Sections kept from earlier runs (`--merge`), each measured as it says: "
+                  + "; ".join(f"commit {c} on {d} UTC" for c, d in kept) + ".", ""]
     lines += ["## Machine ceilings", ""]
     if ceilings:
         lines += ["| memory bandwidth, copy, all cores | one thread | float32 matmul, NumPy | float32 matmul, jax.jit | load |",
@@ -249,12 +270,18 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                   f"the higher of the two bandwidths.", ""]
     else:
         lines += [f"Not measured: {ceiling_run.get('reason', 'skipped')}", ""]
+    this_run_ceilings = ceilings
     for workload in loads:
         kind, name = workload["kind"], workload["name"]
         rows = {n: s for (w, n), s in summaries.items() if w == name}
         if not rows:
             continue
         ours = rows.get(OURS[kind], {})
+        kept = sections.get(name)
+        ceilings = this_run_ceilings
+        if kept:
+            old = kept["ceilings"]
+            ceilings = old["info"] if old.get("ok") else {}
         if kind == "sample":
             lines += [f"## Sampler, batch {workload['batch']}: ~{workload['prompt_tokens']}-token chat prompts, "
                       f"{workload['new_tokens']} new tokens", "",
@@ -315,13 +342,21 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                         ", ".join(map(str, s["warmup_s"])), _loads(s)]
             lines += _table(["system", "tokens/s", "steps/s", "timed steps (processes)", "mappa_jax / system", "MFU",
                              "warm-up s", "load"], rows, update_cells)
+        if kept:
+            line = (f"Kept from `{kept['command']}` at commit {kept['commit']} ({kept['started'][:16].replace('T', ' ')} "
+                    f"UTC)")
+            if ceilings:
+                line += (f", with that run's ceilings ({ceilings['bandwidth_gbs']:.1f} GB/s, "
+                         f"{ceilings['jax_matmul_gflops']:.1f} GFLOP/s jax.jit matmul)")
+            lines += ["", line + "."]
         failed = [(n, f) for n, s in rows.items() if s.get("ok") for f in s["failed"]]
         lines += [""] + [f"- {SYSTEMS[n].label}: a process failed: {f}" for n, f in failed] + ([""] if failed else [])
     lines += ["## Order of runs", "", "| # | workload | system | pid | load | wall s | result |", "|---|---|---|---|---|---|---|"]
     for i, r in enumerate(order):
         lines.append(f"| {i + 1} | {r['workload']} | {r['system']} | {r.get('pid', '-')} | "
                      f"{r['load_before']:.1f}->{r['load_after']:.1f} | {r['wall_s']:.0f} | "
-                     f"{'ok' if r['ok'] else r['reason'][:120]} |")
+                     f"{'ok' if r['ok'] else r['reason'][:120]}"
+                     f"{' (kept: commit ' + sections[r['workload']]['commit'] + ')' if r['workload'] in sections else ''} |")
     lines += ["", "## Versions", "", "| package | version |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in versions().items()]
     return "\n".join(lines) + "\n"
@@ -340,6 +375,8 @@ def main(argv=None):
     parser.add_argument("--no-roofline", action="store_true", help="skip measuring the machine's ceilings")
     parser.add_argument("--extra-system", action="append", default=[], metavar="NAME:KIND:WORKER",
                         help="add a system run by worker file WORKER on workloads of KIND (tests use this)")
+    parser.add_argument("--merge", action="store_true", help="keep the sections of the existing report (--out) "
+                        "that this run does not measure, each labelled with its own commit, date and ceilings")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"), help="markdown report; raw results "
                         "go next to it as .json")
     args = parser.parse_args(argv)
@@ -381,10 +418,27 @@ def main(argv=None):
                  for w in loads for n in names if w["kind"] in SYSTEMS[n].kinds}
     elapsed = time.perf_counter() - t0
     out = pathlib.Path(args.out)
+    this_run = dict(commit=machine()["commit"], started=started.isoformat(), command=command, ceilings=ceiling_run)
+    sections = {w["name"]: this_run for w in loads}
+    kept = {}
+    if args.merge:
+        if not out.with_suffix(".json").exists():
+            parser.error(f"--merge: no earlier report at {out.with_suffix('.json')}")
+        previous = json.loads(out.with_suffix(".json").read_text())
+        kept = {w: p for w, p in previous_sections(previous, out.read_text() if out.exists() else "").items()
+                if w not in sections}
+        known = {w["name"]: w for w in workloads(args.quick)}
+        loads += [known[w] for w in kept if w in known]
+        loads.sort(key=lambda w: list(known).index(w["name"]) if w["name"] in known else len(known))
+        runs = runs + [r for r in previous["runs"] if r["workload"] in kept]
+        summaries.update({tuple(k.split("/", 1)): s for k, s in previous["summaries"].items()
+                          if k.split("/", 1)[0] in kept})
+        sections.update(kept)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(args, command, loads, summaries, ceilings, ceiling_run, runs, started, elapsed))
+    out.write_text(report(args, command, loads, summaries, ceilings, ceiling_run, runs, started, elapsed, kept))
     raw = dict(command=command, started=started.isoformat(), elapsed_s=elapsed, ceilings=ceiling_run, runs=runs,
-               summaries={f"{w}/{n}": s for (w, n), s in summaries.items()}, versions=versions())
+               summaries={f"{w}/{n}": s for (w, n), s in summaries.items()}, versions=versions(),
+               sections=sections)
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     print(f"wrote {out} and {out.with_suffix('.json')} ({elapsed / 60:.1f} min)")
 

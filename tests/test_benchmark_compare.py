@@ -41,7 +41,8 @@ def _compare():
 
 def _run(tmp_path, systems, extra, rounds, repeats="3", warmup="1", more=()):
     out = tmp_path / "report.md"
-    argv = [*more, "--quick", "--no-roofline", "--workloads", "update_tiny", "--rounds", str(rounds), "--repeats", repeats,
+    workloads = () if "--workloads" in more else ("--workloads", "update_tiny")
+    argv = [*more, "--quick", "--no-roofline", *workloads, "--rounds", str(rounds), "--repeats", repeats,
             "--warmup", warmup, "--out", str(out), "--systems", *systems]
     for e in extra:
         argv += ["--extra-system", e]
@@ -80,6 +81,28 @@ def test_processes_alternate_and_medians_come_from_the_raw_timings(tmp_path):
     assert "not run: fake_missing: package not installed" in text
     assert raw["summaries"]["update_tiny/fake_missing"] == {"ok": False,
                                                             "reason": "fake_missing: package not installed"}
+
+
+def test_merge_re_measures_some_sections_and_keeps_the_rest_with_their_provenance(tmp_path):
+    worker = tmp_path / "fake_worker.py"
+    worker.write_text(FAKE_WORKER.format(workers=str(REPO / "benchmarks" / "workers")))
+    extra = [f"fake_a:update:{worker}", f"fake_s:sample:{worker}"]
+    _, first = _run(tmp_path, ["fake_a", "fake_s"], extra, rounds=1, more=("--workloads", "update_tiny", "sample_b2"))
+    first["sections"]["sample_b2"]["commit"] = "abc1234"  # as if measured at an earlier commit
+    (tmp_path / "report.json").write_text(json.dumps(first))
+    out, merged = _run(tmp_path, ["fake_a"], extra, rounds=1, more=("--merge",))
+
+    assert merged["sections"]["sample_b2"] == first["sections"]["sample_b2"]
+    assert merged["sections"]["update_tiny"]["started"] != first["sections"]["update_tiny"]["started"]
+    assert merged["summaries"]["sample_b2/fake_s"] == first["summaries"]["sample_b2/fake_s"]
+    new_pids = {r["pid"] for r in merged["runs"] if r["workload"] == "update_tiny"}
+    assert new_pids.isdisjoint(r["pid"] for r in first["runs"])  # update_tiny was measured again
+    text = out.read_text()
+    sample = text[text.index("## Sampler"):text.index("## Update")]
+    assert "Kept from `python benchmarks/compare.py" in sample and "at commit abc1234" in sample
+    assert "Kept from" not in text[text.index("## Update"):text.index("## Order of runs")]
+    assert "commit abc1234 on" in text.split("## Machine ceilings")[0]
+    assert "(kept: commit abc1234)" in text
 
 
 def test_a_worker_that_crashes_is_reported_not_dropped(tmp_path):

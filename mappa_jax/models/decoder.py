@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mappa_jax.models.config import ModelConfig
 
@@ -256,16 +257,24 @@ def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512,
 # swapping its operands, then copies dy (fused with whatever elementwise backward produced it, e.g.
 # SiLU's) into a transposed layout and runs the dot off its fast path: 40 % of a SwiGLU MLP's
 # backward pass (benchmarks/update.py). Contracting x and dy over their leading axes directly
-# keeps both dots on the fast path. Same values; only the backward program differs.
+# keeps both dots on the fast path. Same values; only the backward program differs. Remat policies
+# see a custom_vjp as opaque, so the output is named: `remat_policy` saves it where the config's
+# policy would save the dot inside.
+MATMUL_OUTPUT = "decoder_matmul"
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+
 def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] (in `out_dtype` when given, e.g. float32 logits from bf16 inputs)."""
+    return checkpoint_name(_matmul(x, w, out_dtype), MATMUL_OUTPUT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, w, out_dtype):
     return jnp.dot(x, w, preferred_element_type=out_dtype)
 
 
 def _matmul_fwd(x, w, out_dtype):
-    return matmul(x, w, out_dtype), (x, w)
+    return _matmul(x, w, out_dtype), (x, w)
 
 
 def _matmul_bwd(out_dtype, residuals, dy):
@@ -275,7 +284,17 @@ def _matmul_bwd(out_dtype, residuals, dy):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of ModelConfig.remat_policy, counting `matmul` outputs as the
+    batch-dim-free dots they are."""
+    policy = getattr(jax.checkpoint_policies, name)
+    if name == "dots_with_no_batch_dims_saveable":
+        policy = jax.checkpoint_policies.save_from_both_policies(
+            policy, jax.checkpoint_policies.save_only_these_names(MATMUL_OUTPUT))
+    return policy
 
 
 # ---- precision ---------------------------------------------------------------------------------
@@ -440,7 +459,7 @@ class Decoder(nnx.Module):
                 return layer(x, *xs, None)
             if cfg.remat:
                 # Backprop keeps each layer's input only and recomputes the layer (see REMAT_POLICIES).
-                scanned = jax.checkpoint(scanned, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                scanned = jax.checkpoint(scanned, policy=remat_policy(cfg.remat_policy),
                                          prevent_cse=False)
             adapters = None if lora is None else lora.layer_params()
             x, kv = jax.lax.scan(scanned, x, (self.layer_params(), adapters))
