@@ -180,13 +180,15 @@ def machine() -> dict:
 
 def previous_sections(raw: dict, md_text: str) -> dict:
     """{workload name: provenance} of an earlier report's sections (its raw JSON, and its markdown
-    for the commit of reports written before sections recorded one)."""
+    for the commit and machine of reports written before sections recorded them)."""
     if "sections" in raw:
         return raw["sections"]
     match = re.search(r"; commit ([^.]+)\.", md_text)
     commit = match.group(1) if match else "unknown"
+    match = re.search(r"^Machine: (.+?), Python", md_text, re.M)
     return {r["workload"]: dict(commit=commit, started=raw["started"], command=raw["command"],
-                                ceilings=raw["ceilings"]) for r in raw["runs"]}
+                                ceilings=raw["ceilings"], machine=match.group(1) if match else "not recorded")
+            for r in raw["runs"]}
 
 
 def decode_roofline(workload: dict, summary: dict, ceilings: dict) -> tuple[float, str] | None:
@@ -254,9 +256,11 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
               f"load average before -> after each process. Ratios are mappa_jax's median over the peer's (in "
               f"brackets: ours' slowest over theirs' fastest, ours' fastest over theirs' slowest).", ""]
     if sections:
-        kept = sorted({(p["commit"], p["started"][:16].replace("T", " ")) for p in sections.values()})
+        kept = sorted({(p["commit"], p["started"][:16].replace("T", " "), p.get("machine", "not recorded"))
+                       for p in sections.values()})
         lines += ["Sections kept from earlier runs (`--merge`), each measured as it says: "
-                  + "; ".join(f"commit {c} on {d} UTC" for c, d in kept) + ".", ""]
+                  + "; ".join(f"commit {c} on {d} UTC, machine {m}" for c, d, m in kept)
+                  + ". Compare figures within one section only.", ""]
     lines += ["## Machine ceilings", ""]
     if ceilings:
         lines += ["| memory bandwidth, copy, all cores | one thread | float32 matmul, NumPy | float32 matmul, jax.jit | load |",
@@ -344,7 +348,7 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                              "warm-up s", "load"], rows, update_cells)
         if kept:
             line = (f"Kept from `{kept['command']}` at commit {kept['commit']} ({kept['started'][:16].replace('T', ' ')} "
-                    f"UTC)")
+                    f"UTC, machine {kept.get('machine', 'not recorded')})")
             if ceilings:
                 line += (f", with that run's ceilings ({ceilings['bandwidth_gbs']:.1f} GB/s, "
                          f"{ceilings['jax_matmul_gflops']:.1f} GFLOP/s jax.jit matmul)")
@@ -418,7 +422,9 @@ def main(argv=None):
                  for w in loads for n in names if w["kind"] in SYSTEMS[n].kinds}
     elapsed = time.perf_counter() - t0
     out = pathlib.Path(args.out)
-    this_run = dict(commit=machine()["commit"], started=started.isoformat(), command=command, ceilings=ceiling_run)
+    host = machine()
+    this_run = dict(commit=host["commit"], started=started.isoformat(), command=command, ceilings=ceiling_run,
+                    machine=f"{host['cpu']}, {host['cores']} cores")
     sections = {w["name"]: this_run for w in loads}
     kept = {}
     if args.merge:

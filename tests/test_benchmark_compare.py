@@ -88,7 +88,7 @@ def test_merge_re_measures_some_sections_and_keeps_the_rest_with_their_provenanc
     worker.write_text(FAKE_WORKER.format(workers=str(REPO / "benchmarks" / "workers")))
     extra = [f"fake_a:update:{worker}", f"fake_s:sample:{worker}"]
     _, first = _run(tmp_path, ["fake_a", "fake_s"], extra, rounds=1, more=("--workloads", "update_tiny", "sample_b2"))
-    first["sections"]["sample_b2"]["commit"] = "abc1234"  # as if measured at an earlier commit
+    first["sections"]["sample_b2"].update(commit="abc1234", machine="Other CPU, 64 cores")  # as if measured elsewhere
     (tmp_path / "report.json").write_text(json.dumps(first))
     out, merged = _run(tmp_path, ["fake_a"], extra, rounds=1, more=("--merge",))
 
@@ -100,8 +100,10 @@ def test_merge_re_measures_some_sections_and_keeps_the_rest_with_their_provenanc
     text = out.read_text()
     sample = text[text.index("## Sampler"):text.index("## Update")]
     assert "Kept from `python benchmarks/compare.py" in sample and "at commit abc1234" in sample
+    assert "machine Other CPU, 64 cores" in sample
     assert "Kept from" not in text[text.index("## Update"):text.index("## Order of runs")]
     assert "commit abc1234 on" in text.split("## Machine ceilings")[0]
+    assert first["sections"]["update_tiny"]["machine"].endswith(" cores")
     assert "(kept: commit abc1234)" in text
 
 
