@@ -255,8 +255,8 @@ def blockwise_attention(q, k, v, q_slots, kv_mask, dtype, block_size: int = 512,
 # ---- matmul with a direct weight gradient ------------------------------------------------------
 # Autodiff transposes `x @ w` into dw = (dy^T x)^T; XLA:CPU folds that transpose into the dot by
 # swapping its operands, then copies dy (fused with whatever elementwise backward produced it, e.g.
-# SiLU's) into a transposed layout and runs the dot off its fast path: 40 % of a SwiGLU MLP's
-# backward pass (benchmarks/update.py). Contracting x and dy over their leading axes directly
+# SiLU's) into a transposed layout and runs the dot off its fast path (`python
+# benchmarks/update.py`: 3.4 s per step before, 2.5 s after). Contracting x and dy directly
 # keeps both dots on the fast path. Same values; only the backward program differs. Remat policies
 # see a custom_vjp as opaque, so the output is named: `remat_policy` saves it where the config's
 # policy would save the dot inside.
