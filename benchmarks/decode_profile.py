@@ -5,13 +5,15 @@ per row over a KV cache, timed in parts.
 
 Parts, each its own jitted program on the same inputs: the whole step (layers with the cache, then
 the output head), the layers without the head, the layers without any KV cache (no cache writes,
-reads or attention over past slots), the head alone, every layer's attention over its cache layer
-(`attention`), sampling one token (`sample.next_tokens`, temperature 1), and `--loop-steps` whole
-steps inside one `lax.fori_loop` as the sampler's decode loop runs them, once with each layer's
-weights sliced out of the stacked arrays inside the loop (sampler.decode_weights="stacked") and once
-with them copied out before it ("unstacked"), per step. The variants are timed round-robin,
-`--repeats` times each; the table shows medians and min-max, with the load average before and
-after. The decode loop of the sampler runs exactly the whole step plus sampling per token.
+reads or attention over past slots), the head alone and as a weights-first matmul, every layer's
+attention over its cache layer (`attention`), sampling one token (`sample.next_tokens`,
+temperature 1), and `--loop-steps` whole steps inside one `lax.fori_loop` as the sampler's decode
+loop runs them, per step: with each layer's weights sliced out of the stacked arrays inside the
+loop (sampler.decode_weights="stacked"), copied out before it by a program of their own, and copied
+out transposed for weights-first matmuls (`decoder.matmul_weights_first`; what "unstacked", the
+default on CPU, runs). The variants are timed round-robin, `--repeats` times each; the table shows
+medians and min-max, with the load average before and after. The decode loop of the sampler runs
+exactly the whole step plus sampling per token.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mappa_jax.models import hub, weights  # noqa: E402
-from mappa_jax.models.decoder import KEYS_FROM_CACHE, KVCache, attention  # noqa: E402
+from mappa_jax.models.decoder import KEYS_FROM_CACHE, KVCache, attention, matmul_weights_first  # noqa: E402
 from mappa_jax.models.weights import abstract_model  # noqa: E402
 from mappa_jax.sampling.sample import next_tokens, row_keys  # noqa: E402
 
@@ -57,8 +59,7 @@ def main():
                            return_hidden=not with_head, layers=layers)
         return out, cache
 
-    def loop(state, cache, unstacked):
-        layers = nnx.merge(graphdef, state).layer_slices(materialize=True) if unstacked else None
+    def loop(state, layers, cache):
         body = lambda i, c: step(state, c[1], True, layers, index + i % 4)  # a few slots, as decoding moves on
         return jax.lax.fori_loop(0, args.loop_steps, body, step(state, cache, True, layers))
 
@@ -77,9 +78,14 @@ def main():
     # The cache is donated (updated in place), as in the sampler; each call gets back the new one.
     full = jax.jit(lambda st, c: step(st, c, True), donate_argnums=1)
     layers = jax.jit(lambda st, c: step(st, c, False), donate_argnums=1)
-    loops = {unstacked: jax.jit(lambda st, c, u=unstacked: loop(st, c, u), donate_argnums=1)
-             for unstacked in (False, True)}
+    # Layers copied out of the stack in a program of their own, as the sampler does once per call.
+    sliced = {weights_first: jax.jit(lambda st, w=weights_first: nnx.merge(graphdef, st).layer_slices(
+        weights_first=w))(state) for weights_first in (False, True)}
+    loop_jit = jax.jit(loop, donate_argnums=2)
+    loops = {"stacked": lambda st, c: loop_jit(st, None, c), "unstacked": lambda st, c: loop_jit(st, sliced[False], c),
+             "weights_first": lambda st, c: loop_jit(st, sliced[True], c)}
     layers_no_cache, head = jax.jit(no_cache), jax.jit(lambda st, h: nnx.merge(graphdef, st).head(h))
+    head_weights_first = jax.jit(lambda st, h: matmul_weights_first(h, nnx.merge(graphdef, st).embed[...], jnp.float32))
     attend = jax.jit(attention_only)
     sample = jax.jit(lambda lg: next_tokens(lg, keys, 3, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0)))
     held = {"cache": cache}
@@ -95,10 +101,13 @@ def main():
         "layers + cache, no head": with_cache(layers),
         "layers, no KV cache": lambda: layers_no_cache(state),
         "head alone": lambda: head(state, hidden),
+        "head alone, weights first (embedding @ hidden^T)": lambda: head_weights_first(state, hidden),
         "attention over the cache layers": lambda: attend(q, held["cache"].k, held["cache"].v),
         "sampling one token": lambda: sample(logits),
-        "decode loop step, stacked weights": with_cache(loops[False]),
-        "decode loop step, unstacked weights": with_cache(loops[True]),
+        "decode loop step, stacked weights": with_cache(loops["stacked"]),
+        "decode loop step, unstacked weights, as stored": with_cache(loops["unstacked"]),
+        "decode loop step, unstacked weights, transposed (weights first: the sampler on CPU, <= 64 rows)":
+            with_cache(loops["weights_first"]),
     }
     per_call_steps = {name: args.loop_steps + 1 for name in parts if name.startswith("decode loop")}
 

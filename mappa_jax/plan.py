@@ -30,7 +30,7 @@ from mappa_jax import parallel
 from mappa_jax.config import ConfigError, validate
 from mappa_jax.models import weights
 from mappa_jax.models.config import ModelConfig
-from mappa_jax.models.decoder import compute_copy
+from mappa_jax.models.decoder import WEIGHTS_FIRST_MAX_ROWS, compute_copy
 from mappa_jax.models.known import architecture
 from mappa_jax.models.lora import LoraAdapters
 from mappa_jax.parallel import memory_check
@@ -267,7 +267,8 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
 
     # The sampler: prefill and decode per batch bucket at the longest prompt and generation buckets.
     lora_graphdef = updater.lora_graphdef
-    prefill, decode, _ = sampler.programs(lora_graphdef)  # compact: a row gather, no memory of its own
+    # compact: a row gather, no memory of its own; decode_layers: a copy, counted as sampler_weights.
+    prefill, decode, _, decode_layers = sampler.programs(lora_graphdef)
     shardings_of = getattr(sampler, "weight_shardings", None)
     place = lambda tree: tree if tree is None or shardings_of is None else abstract(tree, shardings_of(tree))
     held = (params, sampler_copy) if updater.uses_lora else (sampler_copy, None)  # what SamplerPolicy holds
@@ -284,6 +285,9 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
               jax.ShapeDtypeStruct(accept_shape, jnp.int32, sharding=replicated))
     scalars = (scalar(jnp.uint32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32))
     cache_sharding = NamedSharding(mesh, P(parallel.BATCH_AXES, None, None, None))
+    layer_copies = lambda rows: (jax.eval_shape(functools.partial(
+        decode_layers, weights_first=rows <= WEIGHTS_FIRST_MAX_ROWS), sampler_params, sampler_lora)
+        if sampler.unstacks_weights else None)
     for b in sampler.config.batch_buckets:
         prefill_args = (sampler_params, sampler_lora, batch((b, prompt_len), jnp.int32),
                         batch((b, prompt_len), jnp.bool_), batch((b,), jnp.int32))
@@ -299,8 +303,9 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
         progress = DecodeProgress(scalar(jnp.int32), batch((b,), jnp.bool_), batch((b,), jnp.bool_),
                                   batch((b,), jnp.int32), batch((b, table_shape[0]), jnp.int32),
                                   batch((b, new_tokens), jnp.int32), batch((b, new_tokens), jnp.float32))
-        decode_args = (sampler_params, sampler_lora, cache, logits, batch((b, prompt_len), jnp.bool_),
-                       batch((b,), jnp.int32), progress, scalar(jnp.int32), *scalars, *shared)
+        decode_args = (sampler_params, sampler_lora, layer_copies(b), cache, logits,
+                       batch((b, prompt_len), jnp.bool_), batch((b,), jnp.int32), progress, scalar(jnp.int32),
+                       *scalars, *shared)
         programs.append(Program(f"decode b{b}", "decode", decode, decode_args, {}, sampler_resident,
                                 f"{b} rows, {new_tokens} new tokens after {prompt_len}",
                                 rollout.resident + rollout.terms["kv_cache"] + sampler_copy, rows=b))

@@ -12,6 +12,7 @@ from flax import nnx
 from mappa_jax.models import weights
 from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.decoder import Decoder, KVCache, positions_from_mask
+from mappa_jax.models.lora import LoraAdapters
 
 FAMILIES = [
     ("llama", dict(tie_word_embeddings=True)),
@@ -99,21 +100,34 @@ def test_gradients_match_transformers(family, overrides):
         np.testing.assert_allclose(grad, expected, atol=2e-5 * max(1.0, np.abs(expected).max()), rtol=1e-4, err_msg=name)
 
 
-def test_cached_decode_matches_full_forward():
-    cfg = ModelConfig.tiny("qwen2")
+@pytest.mark.parametrize("family,overrides", [("qwen2", dict()), ("llama", dict(tie_word_embeddings=True))])
+@pytest.mark.parametrize("weights_first", [False, True], ids=["as_stored", "weights_first"])
+def test_cached_decode_matches_full_forward(family, overrides, weights_first):
+    """Prefill then one token at a time over a KV cache = one full forward, with LoRA adapters, for
+    the layers as decode reads them: sliced as stored, or transposed for weights-first matmuls (the
+    LoRA factors and an untied head too; a tied head reads the embedding)."""
+    cfg = ModelConfig.tiny(family, **overrides)
     graphdef, state = random_model(cfg)
     model = nnx.merge(graphdef, state)
+    lora = LoraAdapters(cfg, rank=2, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"), rngs=nnx.Rngs(2))
+    for name in lora.targets:
+        factor = getattr(lora, f"{name}_b")
+        factor[...] = 0.3 * jax.random.normal(jax.random.key(len(name)), factor.shape)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 9)), jnp.int32)
     mask = jnp.ones((2, 9), bool).at[0, :3].set(False)
-    full, _ = model(tokens, positions_from_mask(mask), mask)
+    full, _ = model(tokens, positions_from_mask(mask), mask, lora=lora)
+    layers = model.layer_slices(lora, weights_first=weights_first)
+    assert (layers.head is None) == (not weights_first)
     slots = 16
     kv_mask = jnp.zeros((2, slots), bool).at[:, :9].set(mask)
     cache = KVCache.zeros(cfg, 2, slots)
     positions = positions_from_mask(mask)
-    prefix, cache = model(tokens[:, :6], positions[:, :6], kv_mask, cache=cache, cache_index=0)
+    prefix, cache = model(tokens[:, :6], positions[:, :6], kv_mask, cache=cache, cache_index=0, lora=lora,
+                          layers=layers)
     steps = [prefix]
     for t in range(6, 9):
-        step, cache = model(tokens[:, t:t + 1], positions[:, t:t + 1], kv_mask, cache=cache, cache_index=t)
+        step, cache = model(tokens[:, t:t + 1], positions[:, t:t + 1], kv_mask, cache=cache, cache_index=t,
+                            lora=lora, layers=layers)
         steps.append(step)
     cached = jnp.concatenate(steps, axis=1)
     np.testing.assert_allclose(np.asarray(cached)[np.asarray(mask)], np.asarray(full)[np.asarray(mask)], atol=1e-5)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from mappa_jax.models import weights
 from mappa_jax.models.config import ModelConfig
-from mappa_jax.models.decoder import Decoder, positions_from_mask, token_logprobs
+from mappa_jax.models.decoder import WEIGHTS_FIRST_MAX_ROWS, Decoder, positions_from_mask, token_logprobs
 from mappa_jax.models.lora import LoraAdapters
 from mappa_jax.sampling import Sampler, SamplerConfig
 
@@ -347,3 +347,24 @@ def test_stacked_and_unstacked_decode_weights_sample_the_same(tiny):
         np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-6)
     with pytest.raises(ValueError, match="decode_weights"):
         SamplerConfig(decode_weights="per_layer")
+
+
+def test_decode_weights_layout_switch_at_the_weights_first_cut(tiny):
+    """Decode calls of more than WEIGHTS_FIRST_MAX_ROWS rows read the layer copies as stored, smaller
+    ones read them transposed (weights-first matmuls): a 128-row call whose rows stop and compact
+    below the cut changes layout mid-generation and samples what the stacked decode samples."""
+    cfg, state, _ = tiny
+    buckets = dict(batch_buckets=(16, 32, WEIGHTS_FIRST_MAX_ROWS, 128), prompt_buckets=(16,),
+                   generation_buckets=(16,))
+    unstacked = Sampler(cfg, SamplerConfig(**buckets))
+    stacked = Sampler(cfg, SamplerConfig(decode_weights="stacked", **buckets))
+    assert unstacked.unstacks_weights and not stacked.unstacks_weights
+    made = []
+    decode_layers = unstacked.programs()[3]
+    unstacked._programs[None] = (*unstacked._programs[None][:3],
+                                 lambda *a, **kw: made.append(kw["weights_first"]) or decode_layers(*a, **kw))
+    kw = dict(n=30, max_new_tokens=16, temperature=1.0, seed=5, stop_token_ids=list(range(3, cfg.vocab_size, 7)))
+    got, ref = unstacked.generate(state, PROMPTS, **kw), stacked.generate(state, PROMPTS, **kw)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+    assert made == [False, True], made  # 90 rows in bucket 128 as stored, then transposed (made once)

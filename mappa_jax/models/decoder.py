@@ -287,6 +287,21 @@ def _matmul_bwd(out_dtype, residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+# With few rows (a decode step's batch), XLA:CPU runs x [M, I] @ w [I, O] slower than the same
+# product with the weights as the left operand, w^T [O, I] @ x^T: a SmolLM2-135M decode step at
+# batch 32 takes 222 ms as stored, 177 ms weights first; at batch 128, 816 vs 840 ms (`python
+# benchmarks/decode_profile.py [--batch 128]`), hence the sampler's cut at 64 rows. The barrier
+# keeps XLA from folding the transposes back into the slow form; transposing M rows costs little.
+WEIGHTS_FIRST_MAX_ROWS = 64
+
+
+def matmul_weights_first(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., I] @ w_t [O, I]^T, computed as w_t @ x^T (no gradient: decoding only)."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = jax.lax.optimization_barrier(jnp.dot(w_t, rows.T, preferred_element_type=out_dtype))
+    return y.T.reshape(*x.shape[:-1], w_t.shape[0])
+
+
 def remat_policy(name: str):
     """The jax.checkpoint policy of ModelConfig.remat_policy, counting `matmul` outputs as the
     batch-dim-free dots they are."""
@@ -365,17 +380,26 @@ class Decoder(nnx.Module):
         names += ["q_norm", "k_norm"] if self.cfg.qk_norm else []
         return {name: getattr(self, name)[...] for name in names}
 
-    def layer_slices(self, lora=None, materialize: bool = False) -> list[tuple[dict, dict | None]]:
+    def layer_slices(self, lora=None, weights_first: bool = False) -> "LayerSlices":
         """Every layer's (weights, LoRA adapters) as arrays of their own, for a call with a cache.
-        materialize: copy them out of the stacked arrays here, behind a barrier, so that a loop
-        around the call (the decode loop) reads them in place; without it XLA:CPU re-slices (copies)
-        every layer's weights at every iteration. One more copy of the weights while it lives."""
+        A jitted program that returns them copies them out of the stacked arrays once, so a loop
+        that reads them (the decode loop) reads them in place; sliced inside the loop, XLA:CPU
+        copies every layer's weights at every iteration. weights_first: matmul weights, LoRA
+        factors and the output head transposed to [out, in], for `matmul_weights_first`; the tied
+        head is the embedding, already [vocab, hidden]."""
+        dt = self.cfg.jnp_dtype
+        transposed = lambda w: jnp.swapaxes(w, -1, -2).astype(dt)
         stacked = self.layer_params()
         adapters = None if lora is None else lora.layer_params()
+        head = None
+        if weights_first:
+            stacked = {k: transposed(w) if k in PROJECTIONS else w for k, w in stacked.items()}
+            adapters = None if adapters is None else jax.tree.map(transposed, adapters)
+            head = self.embed[...].astype(dt) if self.cfg.tie_word_embeddings else transposed(self.lm_head[...])
         layers = [(jax.tree.map(lambda w, i=i: w[i], stacked),
                    None if adapters is None else jax.tree.map(lambda w, i=i: w[i], adapters))
                   for i in range(self.cfg.num_layers)]
-        return jax.lax.optimization_barrier(layers) if materialize else layers
+        return LayerSlices(layers, head, weights_first)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_mask: jax.Array,
                  cache: KVCache | None = None, cache_index: jax.Array | int = 0,
@@ -393,6 +417,9 @@ class Decoder(nnx.Module):
         keys and values in it (a prefill: the layers still run as one scan; attention reads the
         keys as the cache stores them, so later steps see the same numbers).
         layers: `layer_slices(lora)` for a call with a cache (default: sliced here)."""
+        slices = layers if layers is not None else (self.layer_slices(lora) if cache is not None else None)
+        weights_first = slices is not None and slices.weights_first
+        project = matmul_weights_first if weights_first else matmul
         cfg, dt = self.cfg, self.cfg.jnp_dtype
         constrain = ((lambda x: x) if activation_sharding is None else
                      (lambda x: jax.lax.with_sharding_constraint(x, activation_sharding)))
@@ -403,10 +430,10 @@ class Decoder(nnx.Module):
         cache_dtype = None if build_cache is None else jnp.dtype(build_cache)
 
         def linear(x, w, name, lp_lora):
-            y = matmul(x, w.astype(dt))
+            y = project(x, w.astype(dt))
             if lp_lora is not None and name in lp_lora:
                 a, bb = lp_lora[name]
-                y = y + matmul(matmul(x, a.astype(dt)), bb.astype(dt)) * lora_scale
+                y = y + project(project(x, a.astype(dt)), bb.astype(dt)) * lora_scale
             return y
 
         def layer(x, lp, lp_lora, cache_layer):
@@ -451,7 +478,7 @@ class Decoder(nnx.Module):
         x = self.embed[...].astype(dt)[tokens]
         if cache is not None:
             ks, vs = list(cache.k), list(cache.v)
-            for i, (lp, lp_lora) in enumerate(layers if layers is not None else self.layer_slices(lora)):
+            for i, (lp, lp_lora) in enumerate(slices.layers):
                 x, (ks[i], vs[i]) = layer(x, lp, lp_lora, (ks[i], vs[i]))
             new_cache = KVCache(tuple(ks), tuple(vs))
         else:
@@ -465,12 +492,24 @@ class Decoder(nnx.Module):
             x, kv = jax.lax.scan(scanned, x, (self.layer_params(), adapters))
             new_cache = None if kv is None else KVCache(*(tuple(a[i] for i in range(cfg.num_layers)) for a in kv))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        return (x if return_hidden else self.head(x)), new_cache
+        if return_hidden:
+            return x, new_cache
+        return (matmul_weights_first(x, slices.head, jnp.float32) if weights_first else self.head(x)), new_cache
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """Final-norm hidden states [..., H] -> float32 logits [..., V]."""
         weight = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return matmul(hidden, weight.astype(self.cfg.jnp_dtype), jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerSlices:
+    """`Decoder.layer_slices`: per layer, (weights, LoRA adapters or None); with weights_first, the
+    matmul weights as [out, in] and the output head [vocab, hidden] too (else head is None)."""
+    layers: list
+    head: jax.Array | None
+    weights_first: bool = dataclasses.field(metadata=dict(static=True))
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:

@@ -16,8 +16,8 @@ The estimate follows what the code keeps on each device:
   sampler.weight_layout is "gathered" (whole over fsdp, split over tensor, in the dtype the sampler
   reads: mappa_jax/sampling/sampler.py gathers it once per generate call so that the decode loop
   does not communicate over fsdp at every token) and, with sampler.decode_weights unstacked (CPU),
-  the per-layer copy each decode call makes of it, its KV cache (batch split over data x fsdp, not over
-  tensor) and the prefill's layer temporaries, attention scores (dense [P, P] for short prompts; query x key
+  the per-layer (transposed) copy each generate call makes of it, its KV cache (batch split over
+  data x fsdp, not over tensor) and the prefill's layer temporaries, attention scores (dense [P, P] for short prompts; query x key
   blocks past sampler.prefill_block_size) and last-position logits.
 Peak = resident + max(update, rollout). Parameter bytes are exact (the real sharding rules applied to
 shape-only parameters); activations are an estimate (XLA fuses some buffers and keeps others).
@@ -83,7 +83,7 @@ class Workload:
     # sampler.weight_layout: "gathered" = the sampler gathers the sampling agent's weights over fsdp
     # for each generate call (a copy while it samples); "sharded" = it decodes from the training layout.
     sampler_weight_layout: str = "gathered"
-    # sampler.decode_weights resolved: True = each decode call copies the weights out of the stack.
+    # sampler.decode_weights resolved: True = each generate call copies the weights out of the stack.
     sampler_unstacked: bool = False
 
     def __post_init__(self):
@@ -177,7 +177,8 @@ def _sampler_weight_bytes(work: Workload, sizes: Mapping[str, int]) -> int:
     """Per-device bytes of the sampler's copies of one agent's weights (LoRA: the base and that
     agent's adapters), as it reads them (compute dtype): the gathered copy, in
     `decode_param_shardings`' layout (the parameter rules on this mesh with fsdp = 1; none without
-    fsdp or with the "sharded" layout), and the unstacked copy that decode makes of what it reads."""
+    fsdp or with the "sharded" layout), and the unstacked copy that generate makes of what decode
+    reads (counted whole: the embedding, which decode reads in place, too)."""
     gathered = work.sampler_weight_layout == "gathered" and sizes["fsdp"] > 1
     copies = int(gathered) + int(work.sampler_unstacked)
     if not copies:

@@ -40,12 +40,14 @@ class SamplerConfig:
     compact_rows: when the rows still decoding fit a smaller batch bucket, drop the stopped ones
         and continue in that bucket (one more compiled decode program per bucket used), so rows
         that finish early stop costing decode work. Same tokens either way.
-    decode_weights: "unstacked" = each decode call first copies every layer's weights out of the
-        stacked arrays (one more copy of the sampled weights while it decodes), so that its loop
-        reads them in place; "stacked" = the loop slices each layer out of the stacked arrays at
-        every token, which XLA:CPU does by copying (SmolLM2-135M decodes ~1.6x slower at batch 32,
-        benchmarks/decode_profile.py). "auto" = unstacked on CPU, stacked elsewhere (not measured
-        on TPU or GPU, whose compilers can fuse the slice into the matmul). Same tokens either way.
+    decode_weights: "unstacked" = each generate call first copies every layer's weights out of
+        the stacked arrays, transposed to [out, in] for weights-first matmuls (one more copy of the
+        sampled weights while it decodes), so that its decode loops read them in place; "stacked" =
+        the loop slices each layer out of the stacked arrays at every token, which XLA:CPU does by
+        copying. SmolLM2-135M at batch 32 on CPU: stacked 297, unstacked as stored 222, unstacked
+        transposed 177 ms per decode step (`python benchmarks/decode_profile.py`). "auto" =
+        unstacked on CPU, stacked elsewhere (not measured on TPU or GPU, whose compilers can fuse
+        the slice into the matmul). Same tokens either way (to float rounding of the logits).
     """
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)

@@ -1,4 +1,4 @@
-"""The two compiled programs of generation: prefill and decode. Pure functions of pytrees.
+"""The compiled programs of generation: prefill, decode and their helpers. Pure functions of pytrees.
 
 prefill: runs the distinct (left-padded) prompts once, then replicates each prompt's KV-cache rows
     to its n samples (`row_source`) and appends empty slots for the generation budget.
@@ -8,6 +8,8 @@ decode: one `lax.while_loop` over new tokens with the KV cache donated (updated 
     once the rows still running number `exit_below` or fewer (0: once every row has stopped).
 compact: keeps the given rows of a decode call's state, so the caller can continue the running
     rows in a smaller batch bucket (`DecodeProgress` carries the loop across calls).
+decode_layers: every layer's weights copied out of the stacked arrays, as stored or transposed for
+    weights-first matmuls (`Decoder.layer_slices`); what decode reads on CPU (sampler.decode_weights).
 
 Parameters (and LoRA adapters) are arguments, never constants, so one compiled program serves
 every agent of the same architecture; shapes come from buckets, so new lengths never recompile.
@@ -60,11 +62,11 @@ class DecodeProgress:
 
 
 def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh=None, batch_axes=None,
-                   long_prompt_graphdef=None, long_prompt: int = 0, unstack_layers: bool = False):
-    """(prefill, decode, compact) jitted for one model graph (and one LoRA graph, or None). Prompts
-    longer than `long_prompt` prefill with `long_prompt_graphdef` (the same model, blockwise
-    attention). unstack_layers: decode copies every layer's weights out of the stacked arrays once
-    per call, before its loop (`Decoder.layer_slices(materialize=True)`)."""
+                   long_prompt_graphdef=None, long_prompt: int = 0):
+    """(prefill, decode, compact, decode_layers) jitted for one model graph (and one LoRA graph, or
+    None). Prompts longer than `long_prompt` prefill with `long_prompt_graphdef` (the same model,
+    blockwise attention). decode takes `decode_layers`' output as its `layers`, or None to slice
+    each layer out of the stacked arrays inside its loop."""
 
     def merged(params, lora, graph=graphdef):
         model = nnx.merge(graph, params)
@@ -85,11 +87,12 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
 
         return cache.map(grow), _constrain(last, mesh, P(batch_axes, None))
 
-    def decode(params, lora, cache, logits, prompt_mask, row_ids, progress, exit_below, seed, temperature, top_k,
-               top_p, max_new, stop_ids, stop_table, stop_accept):
+    def decode(params, lora, layers, cache, logits, prompt_mask, row_ids, progress, exit_below, seed, temperature,
+               top_k, top_p, max_new, stop_ids, stop_table, stop_accept):
         model, adapters = merged(params, lora)
-        layers = model.layer_slices(adapters, materialize=unstack_layers)
         rows, prompt_len = prompt_mask.shape
+        if layers is None:  # sliced out of the stacked arrays inside the loop
+            layers = model.layer_slices(adapters)
         budget = cache.slots - prompt_len
         prompt_lens = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
         # Future slots are hidden by the causal mask (query slot = prompt_len + step), so the key
@@ -125,6 +128,13 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
         # updates the caller's cache and buffers in place instead of copying them first.
         return jax.lax.while_loop(cond, body, (progress, logits, cache))
 
+    def decode_layers(params, lora, *, weights_first: bool):
+        """Every layer's weights (and adapters) copied out of the stack, transposed for
+        weights-first matmuls or as stored: made once per generate call (and layout), read in
+        place by its decode calls."""
+        model, adapters = merged(params, lora)
+        return model.layer_slices(adapters, weights_first=weights_first)
+
     def compact(cache, logits, prompt_mask, row_ids, progress, keep):
         """The rows `keep` [new rows] of everything a decode call carries, in that order."""
         take = lambda x, axis=0: _constrain(jnp.take(x, keep, axis=axis), mesh,
@@ -135,4 +145,4 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
     prefill_jit = jax.jit(prefill, static_argnames=("generation_slots",))
     decode_jit = jax.jit(decode, donate_argnames=("cache", "logits", "progress"))
     compact_jit = jax.jit(compact)  # a smaller output: nothing to donate into
-    return prefill_jit, decode_jit, compact_jit
+    return prefill_jit, decode_jit, compact_jit, jax.jit(decode_layers, static_argnames=("weights_first",))

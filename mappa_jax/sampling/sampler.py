@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mappa_jax.models.config import ModelConfig
+from mappa_jax.models.decoder import WEIGHTS_FIRST_MAX_ROWS
 from mappa_jax.models.weights import abstract_model
 from mappa_jax.parallel.distributed import fetch_global
 from mappa_jax.sampling.config import SamplerConfig, bucket_for
@@ -92,21 +93,21 @@ class Sampler:
 
     # ---- compiled programs ----------------------------------------------------------------------
     def programs(self, lora_graphdef=None):
-        """(prefill, decode, compact), jitted, for a LoRA graph (None: the base model); what
-        generate runs (see `mappa_jax.sampling.engine`)."""
+        """(prefill, decode, compact, decode_layers), jitted, for a LoRA graph (None: the base
+        model); what generate runs (see `mappa_jax.sampling.engine`)."""
         return self._programs_for(lora_graphdef)
 
     def _programs_for(self, lora_graphdef):
         if lora_graphdef not in self._programs:
             self._programs[lora_graphdef] = build_programs(
                 self.graphdef, lora_graphdef, self.cache_dtype, self.config.pad_token_id, self.mesh, self.batch_axes,
-                long_prompt_graphdef=self.prefill_graphdef, long_prompt=int(self.config.prefill_block_size),
-                unstack_layers=self.unstacks_weights)
+                long_prompt_graphdef=self.prefill_graphdef, long_prompt=int(self.config.prefill_block_size))
         return self._programs[lora_graphdef]
 
     @property
     def unstacks_weights(self) -> bool:
-        """Whether decode copies each layer's weights out of the stack per call (sampler.decode_weights)."""
+        """Whether generate copies each layer's weights out of the stack for its decode calls
+        (sampler.decode_weights)."""
         if self.config.decode_weights != "auto":
             return self.config.decode_weights == "unstacked"
         devices = getattr(self.mesh, "devices", None)  # an AbstractMesh has none: the default backend's
@@ -217,6 +218,7 @@ class Sampler:
                              "(the graph carries the targets and scale)")
         programs = self._programs_for(lora_graphdef)
         params, lora_state = self.place_weights(params), self.place_weights(lora_state)
+        layers = self._decode_layers(programs[3], params, lora_state) if self.unstacks_weights else None
 
         stop_ids = sorted(set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids))
         stop_id_array = np.full((max(4, 1 << (len(stop_ids) - 1).bit_length()),), -1, np.int32)
@@ -230,20 +232,35 @@ class Sampler:
         parts = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start:start + per_call]
-            parts.append(self._generate_chunk(programs, params, lora_state, chunk, start, n, budget, max_new_tokens,
-                                              scalars, shared))
+            parts.append(self._generate_chunk(programs, params, lora_state, layers, chunk, start, n, budget,
+                                              max_new_tokens, scalars, shared))
         tokens, logprobs, lengths, stopped = (np.concatenate(x) for x in zip(*(p[:4] for p in parts)))
         tokens, logprobs = tokens[:, :max_new_tokens], logprobs[:, :max_new_tokens]
         return SampleOutput(tokens, logprobs, lengths, ~stopped, sum(p[4] for p in parts), sum(p[5] for p in parts))
 
-    def _generate_chunk(self, programs, params, lora_state, prompts, first_prompt, n, budget, max_new_tokens,
-                        scalars, shared):
+    @staticmethod
+    def _decode_layers(program, params, lora_state):
+        """rows -> the layer copies (`engine.decode_layers`) a decode call of that many rows reads:
+        transposed for weights-first matmuls at <= WEIGHTS_FIRST_MAX_ROWS rows, else as stored.
+        Made when first needed; only the layout in use is kept (one copy of the weights)."""
+        held = {}
+
+        def layers_for(rows: int):
+            weights_first = rows <= WEIGHTS_FIRST_MAX_ROWS
+            if weights_first not in held:
+                held.clear()
+                held[weights_first] = program(params, lora_state, weights_first=weights_first)
+            return held[weights_first]
+        return layers_for
+
+    def _generate_chunk(self, programs, params, lora_state, layers, prompts, first_prompt, n, budget,
+                        max_new_tokens, scalars, shared):
         """Prefill, then decode; with sampler.compact_rows, each time the running rows fit a smaller
         batch bucket, the loop stops, keeps only those rows and continues in that bucket (rows that
         stopped early stop costing decode work). Same tokens either way: a row's randomness depends
         only on its id and step. Returns the rows' tokens, logprobs, lengths, stopped flags, the
         loop's iterations and the rows x iterations it computed."""
-        prefill, decode, compact = programs
+        prefill, decode, compact, _ = programs
         sc = self.config
         num_rows = len(prompts) * n
         prompt_len = bucket_for(max(len(p) for p in prompts), sc.prompt_buckets, "prompt_buckets", "prompt length")
@@ -274,8 +291,9 @@ class Sampler:
             rows = len(origin)
             smaller = [b for b in sc.batch_buckets if b < rows] if sc.compact_rows else []
             exit_below = self._put_replicated(np.int32(smaller[-1] if smaller else 0))
-            progress, logits, cache = decode(params, lora_state, cache, logits, prompt_mask, row_ids_device,
-                                             progress, exit_below, *scalars, *shared)
+            progress, logits, cache = decode(params, lora_state, None if layers is None else layers(rows), cache,
+                                             logits, prompt_mask, row_ids_device, progress, exit_below, *scalars,
+                                             *shared)
             state = fetch_global((progress.step, progress.done, progress.tokens, progress.logprobs,
                                   progress.lengths, progress.stopped))  # rows may span hosts
             step, done = int(state[0]), state[1]
