@@ -236,11 +236,10 @@ def _table(header: list[str], rows: dict, cells) -> list[str]:
     return out
 
 
-def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dict, ceiling_run: dict,
+def report(args, command: str, host: dict, loads: list[dict], summaries: dict, ceilings: dict, ceiling_run: dict,
            order: list[dict], started: datetime.datetime, elapsed: float, sections: dict | None = None) -> str:
-    """sections: {workload name: provenance} of sections kept from an earlier run (--merge); they are
-    reported with that run's commit, date and machine ceilings."""
-    host = machine()
+    """host: `machine()`. sections: {workload name: provenance} of sections kept from an earlier run
+    (--merge); they are reported with that run's commit, date and machine ceilings."""
     sections = sections or {}
     lines = ["# Benchmarks", ""]
     if args.quick:
@@ -274,7 +273,6 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                   f"the higher of the two bandwidths.", ""]
     else:
         lines += [f"Not measured: {ceiling_run.get('reason', 'skipped')}", ""]
-    this_run_ceilings = ceilings
     for workload in loads:
         kind, name = workload["kind"], workload["name"]
         rows = {n: s for (w, n), s in summaries.items() if w == name}
@@ -282,10 +280,9 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
             continue
         ours = rows.get(OURS[kind], {})
         kept = sections.get(name)
-        ceilings = this_run_ceilings
-        if kept:
-            old = kept["ceilings"]
-            ceilings = old["info"] if old.get("ok") else {}
+        section_ceilings = ceilings
+        if kept:  # the run that measured this section, with its own ceilings
+            section_ceilings = kept["ceilings"]["info"] if kept["ceilings"].get("ok") else {}
         if kind == "sample":
             lines += [f"## Sampler, batch {workload['batch']}: ~{workload['prompt_tokens']}-token chat prompts, "
                       f"{workload['new_tokens']} new tokens", "",
@@ -295,7 +292,7 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                       "generate call (prefill included). 'greedy' compares the first greedy tokens of prompt 0 with "
                       "mappa_jax's (a correctness check of each peer's setup).", ""]
             roofline, bound = decode_roofline(workload, ours if ours.get("ok") else next(
-                (s for s in rows.values() if s.get("ok")), {}), ceilings) or (None, None)
+                (s for s in rows.values() if s.get("ok")), {}), section_ceilings) or (None, None)
             def sample_cells(n, s):
                 fraction = NOT_ROOFLINE.get(n) or (f"{s['median'] / roofline:.0%}" if roofline else "-")
                 return [f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})", f"{s['repeats']} ({s['processes']})",
@@ -306,7 +303,7 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                              "% of decode roofline", "greedy", "warm-up s", "load", "settings"], rows, sample_cells)
             if roofline:
                 lines += ["", f"Decode roofline: {roofline:.1f} tokens/s, bound by {bound}: the longer of reading the "
-                              f"float32 weights ({ceilings['param_bytes_f32'] / 1e6:.0f} MB) and the KV cache at the "
+                              f"float32 weights ({section_ceilings['param_bytes_f32'] / 1e6:.0f} MB) and the KV cache at the "
                               f"mean context once per step at the measured bandwidth, and the step's FLOPs (2 per "
                               f"weight per row, plus attention) at the measured matmul peak. The measured rate "
                               f"includes prefill, so its fraction is a lower bound."]
@@ -339,8 +336,8 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
                       "+ attention) over the jax.jit matmul peak above.", ""]
             def update_cells(n, s):
                 units = s["units_per_call"]
-                mfu = (f"{s['info']['train_flops'] * s['median'] / units / (ceilings['jax_matmul_gflops'] * 1e9):.0%}"
-                       if ceilings and "train_flops" in s["info"] else "-")
+                mfu = (f"{s['info']['train_flops'] * s['median'] / units / (section_ceilings['jax_matmul_gflops'] * 1e9):.0%}"
+                       if section_ceilings and "train_flops" in s["info"] else "-")
                 return [f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})", f"{s['median'] / units:.3f}",
                         f"{s['repeats']} ({s['processes']})", "-" if n == OURS[kind] else _ratio(ours, s), mfu,
                         ", ".join(map(str, s["warmup_s"])), _loads(s)]
@@ -349,9 +346,9 @@ def report(args, command: str, loads: list[dict], summaries: dict, ceilings: dic
         if kept:
             line = (f"Kept from `{kept['command']}` at commit {kept['commit']} ({kept['started'][:16].replace('T', ' ')} "
                     f"UTC, machine {kept.get('machine', 'not recorded')})")
-            if ceilings:
-                line += (f", with that run's ceilings ({ceilings['bandwidth_gbs']:.1f} GB/s, "
-                         f"{ceilings['jax_matmul_gflops']:.1f} GFLOP/s jax.jit matmul)")
+            if section_ceilings:
+                line += (f", with that run's ceilings ({section_ceilings['bandwidth_gbs']:.1f} GB/s, "
+                         f"{section_ceilings['jax_matmul_gflops']:.1f} GFLOP/s jax.jit matmul)")
             lines += ["", line + "."]
         failed = [(n, f) for n, s in rows.items() if s.get("ok") for f in s["failed"]]
         lines += [""] + [f"- {SYSTEMS[n].label}: a process failed: {f}" for n, f in failed] + ([""] if failed else [])
@@ -441,7 +438,7 @@ def main(argv=None):
                           if k.split("/", 1)[0] in kept})
         sections.update(kept)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(args, command, loads, summaries, ceilings, ceiling_run, runs, started, elapsed, kept))
+    out.write_text(report(args, command, host, loads, summaries, ceilings, ceiling_run, runs, started, elapsed, kept))
     raw = dict(command=command, started=started.isoformat(), elapsed_s=elapsed, ceilings=ceiling_run, runs=runs,
                summaries={f"{w}/{n}": s for (w, n), s in summaries.items()}, versions=versions(),
                sections=sections)
