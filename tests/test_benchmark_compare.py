@@ -137,6 +137,19 @@ def test_the_mappa_update_worker_at_smoke_size(tmp_path):
     assert f"{ours['median'] / peer['median']:.2f}x" in out.read_text()
 
 
+def test_the_mappa_sampler_worker_at_smoke_size(tmp_path):
+    """The real sampler worker (SmolLM2-135M from the GGUF) runs through the programs the Sampler
+    builds, and reports the decode's own rate and a greedy check."""
+    out, raw = _run(tmp_path, ["mappa_sampler"], [], rounds=1, repeats="1",
+                    more=("--workloads", "sample_b2"))
+    ours = raw["summaries"]["sample_b2/mappa_sampler"]
+    assert ours["ok"], ours
+    run = next(r for r in raw["runs"] if r["system"] == "mappa_sampler")
+    assert ours["units_per_call"] == 2 * 8 and len(run["info"]["greedy_tokens"]) > 0
+    assert run["info"]["decode_tokens_per_s"][0] > 0
+    assert "mappa_jax Sampler" in out.read_text()
+
+
 def test_decode_roofline_is_the_slower_of_bytes_and_flops():
     compare = _compare()
     ceilings = dict(bandwidth_gbs=20.0, bandwidth_1thread_gbs=15.0, numpy_matmul_gflops=150.0, jax_matmul_gflops=100.0,

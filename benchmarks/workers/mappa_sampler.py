@@ -39,17 +39,20 @@ def prepare(workload: dict, system: str) -> common.Prepared:
     if stop_at_eos:  # compile every decode program now: which ones a timed call uses depends on its seed
         for rows in buckets:
             sampler.generate(state, prompts[:rows], max_new_tokens=1, stop_token_ids=[])
-    # The decode loop's own time (prefill excluded), for its fraction of the decode roofline.
-    prefill, decode, compact = sampler.programs()
+    # The decode's own time (prefill excluded, the layer copies it reads included), for its fraction
+    # of the decode roofline.
+    prefill, decode, compact, decode_layers = sampler.programs()
     decode_seconds, last = [0.0], {}
 
-    def timed_decode(*args):
-        jax.block_until_ready(args)  # the prefill that produced the cache finishes outside the timer
-        start = time.perf_counter()
-        out = jax.block_until_ready(decode(*args))
-        decode_seconds[0] += time.perf_counter() - start
-        return out
-    sampler._programs[None] = (prefill, timed_decode, compact)
+    def timed(program):
+        def run(*args, **kwargs):
+            jax.block_until_ready(args)  # the prefill that produced the cache finishes outside the timer
+            start = time.perf_counter()
+            out = jax.block_until_ready(program(*args, **kwargs))
+            decode_seconds[0] += time.perf_counter() - start
+            return out
+        return run
+    sampler._programs[None] = (prefill, timed(decode), compact, timed(decode_layers))
 
     def call(seed: int):
         if stop_at_eos:
