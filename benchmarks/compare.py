@@ -47,7 +47,9 @@ class System:
 
 
 SYSTEMS = {
-    "mappa_sampler": System("mappa_sampler.py", ("sample", "sample_eos"), "mappa_jax Sampler"),
+    "mappa_sampler": System("mappa_sampler.py", ("sample", "sample_eos", "second_turn"), "mappa_jax Sampler"),
+    "mappa_sampler_reprefill": System("mappa_sampler.py", ("second_turn",),
+                                      "mappa_jax Sampler, second turn prefilled in full (reuse_context off)"),
     "mappa_sampler_whole_batch": System("mappa_sampler.py", ("sample_eos",),
                                         "mappa_jax Sampler, every row to the end (compact_rows=False)"),
     "hf_generate": System("hf_generate.py", ("sample",), "transformers generate (eager)"),
@@ -58,7 +60,8 @@ SYSTEMS = {
     "mappa_update": System("mappa_update.py", ("update",), "mappa_jax policy update"),
     "torch_update": System("torch_update.py", ("update",), "PyTorch step (transformers + torch AdamW)"),
 }
-OURS = {"sample": "mappa_sampler", "sample_eos": "mappa_sampler", "update": "mappa_update"}
+OURS = {"sample": "mappa_sampler", "sample_eos": "mappa_sampler", "second_turn": "mappa_sampler",
+        "update": "mappa_update"}
 NOT_ROOFLINE = {"llama_cpp_q4_1": "Q4_1 weights: reads ~1/6 of the float32 bytes"}
 
 
@@ -67,15 +70,18 @@ def workloads(quick: bool) -> list[dict]:
     prompts, temperature 1, EOS masked so every row decodes new_tokens steps) and the update workload
     of benchmarks/update.py (one optimizer step over B x T tokens, micro-batches of 4). sample_eos:
     the same prompts with EOS ending a row, as in training, where rows stop at different steps: our
-    sampler with and without dropping stopped rows (same seeds, so the same tokens)."""
+    sampler with and without dropping stopped rows (same seeds, so the same tokens). second_turn: an
+    agent's turn after a tool output, from the first turn's kept KV cache or prefilled in full."""
     if quick:
         return [dict(name="sample_b2", kind="sample", batch=2, prompt_tokens=100, new_tokens=8),
                 dict(name="sample_b4_eos", kind="sample_eos", batch=4, prompt_tokens=0, new_tokens=8),
+                dict(name="second_turn_b2", kind="second_turn", batch=2, prompt_tokens=100, new_tokens=8),
                 dict(name="update_tiny", kind="update", preset="tiny", batch=2, micro=2, seq=32)]
     # 128 new tokens (not 256) keeps the whole comparison near an hour on a 2-core machine.
     return [dict(name="sample_b8", kind="sample", batch=8, prompt_tokens=100, new_tokens=128),
             dict(name="sample_b32", kind="sample", batch=32, prompt_tokens=100, new_tokens=128),
             dict(name="sample_b32_eos", kind="sample_eos", batch=32, prompt_tokens=0, new_tokens=256),
+            dict(name="second_turn_b16", kind="second_turn", batch=16, prompt_tokens=100, new_tokens=128),
             dict(name="update_small", kind="update", preset="small", batch=8, micro=4, seq=256),
             dict(name="update_smollm2", kind="update", preset="smollm2", batch=8, micro=4, seq=256)]
 
@@ -328,6 +334,23 @@ def report(args, command: str, host: dict, loads: list[dict], summaries: dict, c
                         str(s["info"].get("generated_tokens", "-")), ", ".join(map(str, s["warmup_s"])), _loads(s)]
             lines += _table(["system", "tokens/s", "timed calls (processes)", "mappa_jax / system", "row-steps",
                              "tokens", "warm-up s", "load"], rows, eos_cells)
+        elif kind == "second_turn":
+            lines += [f"## Sampler, an agent's second turn, batch {workload['batch']}: {workload['new_tokens']} new "
+                      "tokens after the first turn and a tool output", "",
+                      f"SmolLM2-135M-Instruct as above. An untimed first turn samples {workload['new_tokens']} tokens "
+                      f"after each ~{workload['prompt_tokens']}-token chat prompt; the timed second turn's prompt is "
+                      "that prompt, the generated tokens and a ~150-token tool output, as the episode runner builds "
+                      "it (the Code Executor's turn after its code ran), and samples as many again (EOS masked). "
+                      "The mappa_jax Sampler row starts from the first turn's KV cache (sampler.reuse_context) and "
+                      "prefills only the new tokens; the other prefills the whole prompt. Tokens/s = second-turn tokens / wall time of that call.", ""]
+            def turn_cells(n, s):
+                info = s["info"]
+                return [f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})", f"{s['repeats']} ({s['processes']})",
+                        "-" if n == OURS[kind] else _ratio(ours, s),
+                        f"{info.get('prefilled_tokens', '-')} of {info.get('prompt_tokens', '-')}",
+                        ", ".join(map(str, s["warmup_s"])), _loads(s)]
+            lines += _table(["system", "tokens/s", "timed calls (processes)", "mappa_jax / system",
+                             "prompt tokens prefilled", "warm-up s", "load"], rows, turn_cells)
         else:
             lines += [f"## Update: preset {workload['preset']}, {workload['batch']} x {workload['seq']} tokens, "
                       f"micro-batches of {workload['micro']}", "",
@@ -419,6 +442,9 @@ def main(argv=None):
                  for w in loads for n in names if w["kind"] in SYSTEMS[n].kinds}
     elapsed = time.perf_counter() - t0
     out = pathlib.Path(args.out)
+    ours = [r for r in runs if r["system"] in OURS.values()]
+    if ours and not any(r["ok"] for r in ours):  # e.g. mappa_jax not importable: keep the last real report
+        sys.exit(f"no mappa_jax system ran ({'; '.join(sorted({r['reason'] for r in ours}))}); {out} left as it was")
     host = machine()
     this_run = dict(commit=host["commit"], started=started.isoformat(), command=command, ceilings=ceiling_run,
                     machine=f"{host['cpu']}, {host['cores']} cores")

@@ -17,7 +17,7 @@ from mappa_jax.coach import validate as validate_coach
 from mappa_jax.models.decoder import PROJECTIONS
 from mappa_jax.parallel.distributed import default_config as distributed_config
 from mappa_jax.rl.config import REMOVED_KEYS as RL_REMOVED_KEYS, RLConfig
-from mappa_jax.sampling.config import DECODE_WEIGHTS
+from mappa_jax.sampling.config import DECODE_WEIGHTS, REUSE_CONTEXT
 from mappa_jax.workflows import mathchat_config, topology_from_config
 
 
@@ -109,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
     # "unstacked": each decode call copies every layer's weights out of the stacked arrays first
     # (XLA:CPU otherwise copies them at every token); "stacked": no copy; "auto": unstacked on CPU.
     c.sampler.decode_weights = "auto"
+    # "on": an agent's next turn (the Code Executor's after its code ran) starts from the KV cache of
+    # its last turn and prefills only the new tokens (the tool output), holding that cache between
+    # the two calls; "off": every turn prefills its whole prompt; "auto": on on CPU, where prefill
+    # is compute-bound and memory ample. Same tokens either way (to float rounding).
+    c.sampler.reuse_context = "auto"
 
     # --- the multiagent system ------------------------------------------------------------------
     c.topology = mathchat_config()  # or data_science_config(); see mappa_jax/workflows/topologies.py
@@ -226,6 +231,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.sampler.get("decode_weights", "auto") not in DECODE_WEIGHTS:
         raise ConfigError(f"config key 'sampler.decode_weights' must be one of {DECODE_WEIGHTS}, "
                           f"got {config.sampler.decode_weights!r}")
+    if config.sampler.get("reuse_context", "auto") not in REUSE_CONTEXT:
+        raise ConfigError(f"config key 'sampler.reuse_context' must be one of {REUSE_CONTEXT}, "
+                          f"got {config.sampler.reuse_context!r}")
     if config.policy.mode not in ("lora", "full"):
         raise ConfigError(f"config key 'policy.mode' must be 'lora' or 'full', got {config.policy.mode!r}")
     for key in ("steps", "tasks_per_step", "samples_per_task", "eval_samples", "checkpoint_every",

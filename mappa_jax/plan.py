@@ -99,7 +99,7 @@ def build_updater(config, model_cfg: ModelConfig, topology, mesh) -> PolicyUpdat
 def sampler_config(config, pad_token_id: int) -> SamplerConfig:
     """config.sampler as the Sampler's SamplerConfig."""
     sc = config.sampler
-    extra = {key: sc[key] for key in ("weight_layout", "compact_rows", "decode_weights") if key in sc}
+    extra = {key: sc[key] for key in ("weight_layout", "compact_rows", "decode_weights", "reuse_context") if key in sc}
     return SamplerConfig(
         batch_buckets=tuple(sc.batch_buckets), prompt_buckets=tuple(sc.prompt_buckets),
         generation_buckets=tuple(sc.generation_buckets), compute_dtype=sc.compute_dtype or None,
@@ -211,7 +211,7 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
     updater = build_updater(config, model_cfg, topology, mesh)
     sampler = Sampler(model_cfg, sampler_config(config, model_cfg.eos_token_ids[0] if model_cfg.eos_token_ids else 0),
                       mesh=mesh)
-    work = memory_check.workload_from_config(config, model_cfg, "cpu" if sampler.unstacks_weights else None)
+    work = memory_check.workload_from_config(config, model_cfg, sampler.platform)
     estimate = memory_check.estimate(work, {a: int(mesh.shape[a]) for a in parallel.AXES})
     policies = topology.policies
     replicated = parallel.replicated(mesh)
@@ -267,8 +267,10 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
 
     # The sampler: prefill and decode per batch bucket at the longest prompt and generation buckets.
     lora_graphdef = updater.lora_graphdef
-    # compact: a row gather, no memory of its own; decode_layers: a copy, counted as sampler_weights.
-    prefill, decode, _, decode_layers = sampler.programs(lora_graphdef)
+    # compact: a row gather, no memory of its own; decode_layers: a copy, counted as sampler_weights;
+    # extend: a prefill of the new tokens next to the kept cache, counted as kept_context.
+    programs = sampler.programs(lora_graphdef)
+    prefill, decode, decode_layers = programs.prefill, programs.decode, programs.decode_layers
     shardings_of = getattr(sampler, "weight_shardings", None)
     place = lambda tree: tree if tree is None or shardings_of is None else abstract(tree, shardings_of(tree))
     held = (params, sampler_copy) if updater.uses_lora else (sampler_copy, None)  # what SamplerPolicy holds

@@ -150,6 +150,21 @@ def test_the_mappa_sampler_worker_at_smoke_size(tmp_path):
     assert "mappa_jax Sampler" in out.read_text()
 
 
+def test_the_second_turn_workers_at_smoke_size(tmp_path):
+    """An agent's second turn from the kept KV cache prefills only what the runner appended (the
+    end of the first turn and the tool output); the re-prefilling peer prefills everything."""
+    out, raw = _run(tmp_path, ["mappa_sampler", "mappa_sampler_reprefill"], [], rounds=1, repeats="1",
+                    more=("--workloads", "second_turn_b2"))
+    reused, full = (raw["summaries"][f"second_turn_b2/{n}"] for n in ("mappa_sampler", "mappa_sampler_reprefill"))
+    assert reused["ok"] and full["ok"], (reused, full)
+    info = {r["system"]: r["info"] for r in raw["runs"]}
+    assert info["mappa_sampler"]["prompt_tokens"] == info["mappa_sampler_reprefill"]["prompt_tokens"]
+    assert info["mappa_sampler_reprefill"]["prefilled_tokens"] == info["mappa_sampler_reprefill"]["prompt_tokens"]
+    appended = info["mappa_sampler"]["prompt_tokens"] - info["mappa_sampler"]["first_turn_prompt_tokens"] - 2 * 8
+    assert info["mappa_sampler"]["prefilled_tokens"] == appended > 0
+    assert "prompt tokens prefilled" in out.read_text()
+
+
 def test_decode_roofline_is_the_slower_of_bytes_and_flops():
     compare = _compare()
     ceilings = dict(bandwidth_gbs=20.0, bandwidth_1thread_gbs=15.0, numpy_matmul_gflops=150.0, jax_matmul_gflops=100.0,
@@ -167,3 +182,16 @@ def test_decode_roofline_is_the_slower_of_bytes_and_flops():
     assert compare.decode_roofline(dict(batch=1, new_tokens=2), summary, ceilings)[1] == "memory"
     assert compare.decode_roofline(dict(batch=64, new_tokens=2), summary, ceilings)[1] == "compute"
     assert compare.decode_roofline(dict(batch=1, new_tokens=2), {"info": {}}, ceilings) is None
+
+
+def test_a_run_where_mappa_jax_fails_leaves_the_report(tmp_path):
+    """A run in which none of our systems ran (e.g. mappa_jax not importable) must not replace the
+    last real report with a table of failures."""
+    worker = tmp_path / "crash_worker.py"
+    worker.write_text("import sys\nsys.exit('ModuleNotFoundError: no mappa_jax')\n")
+    out = tmp_path / "report.md"
+    out.write_text("the last real report")
+    with pytest.raises(SystemExit, match="no mappa_jax system ran.*left as it was"):
+        _compare().main(["--quick", "--no-roofline", "--workloads", "update_tiny", "--rounds", "1", "--out", str(out),
+                         "--systems", "mappa_update", "--extra-system", f"mappa_update:update:{worker}"])
+    assert out.read_text() == "the last real report"

@@ -360,9 +360,9 @@ def test_decode_weights_layout_switch_at_the_weights_first_cut(tiny):
     stacked = Sampler(cfg, SamplerConfig(decode_weights="stacked", **buckets))
     assert unstacked.unstacks_weights and not stacked.unstacks_weights
     made = []
-    decode_layers = unstacked.programs()[3]
-    unstacked._programs[None] = (*unstacked._programs[None][:3],
-                                 lambda *a, **kw: made.append(kw["weights_first"]) or decode_layers(*a, **kw))
+    decode_layers = unstacked.programs().decode_layers
+    unstacked._programs[None] = unstacked._programs[None]._replace(
+        decode_layers=lambda *a, **kw: made.append(kw["weights_first"]) or decode_layers(*a, **kw))
     kw = dict(n=30, max_new_tokens=16, temperature=1.0, seed=5, stop_token_ids=list(range(3, cfg.vocab_size, 7)))
     got, ref = unstacked.generate(state, PROMPTS, **kw), stacked.generate(state, PROMPTS, **kw)
     np.testing.assert_array_equal(got.tokens, ref.tokens)

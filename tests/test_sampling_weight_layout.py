@@ -38,12 +38,12 @@ CHILD = textwrap.dedent('''
 
     def recorded(sampler):
         """Runs generate, keeping the abstract arguments of its decode program for lowering."""
-        prefill, decode, compact, decode_layers = sampler._programs_for(None)
+        decode = sampler._programs_for(None).decode
         seen = []
         def spy(*args):
             seen.append(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), args))
             return decode(*args)
-        sampler._programs[None] = (prefill, spy, compact, decode_layers)
+        sampler._programs[None] = sampler._programs[None]._replace(decode=spy)
         return seen, decode
 
     report = {"smallest_weight": int(smallest_weight)}

@@ -34,12 +34,14 @@ class Prepared:
     count (workloads where rows stop at EOS); `check()` runs once after timing,
     untimed, and returns extra info (e.g. `greedy_tokens`: the first greedy tokens of prompt 0,
     which the parent compares across systems as a correctness check); `timing_starts()` runs
-    once between the warm-up and the timed calls (e.g. to drop figures the warm-up recorded)."""
+    once between the warm-up and the timed calls (e.g. to drop figures the warm-up recorded);
+    `before_call(seed)` runs untimed before every call (e.g. the first turn of a two-turn workload)."""
     call: Callable[[int], None]
     units: int
     info: dict = dataclasses.field(default_factory=dict)
     check: Callable[[], dict] | None = None
     timing_starts: Callable[[], None] | None = None
+    before_call: Callable[[int], None] | None = None
 
 
 class Unavailable(Exception):
@@ -106,6 +108,8 @@ def run(prepare: Callable[[dict, str], Prepared]):
         result["setup_s"] = time.perf_counter() - start
         warmup = []
         for i in range(spec["warmup"]):
+            if built.before_call:
+                built.before_call(1000 + i)
             start = time.perf_counter()
             built.call(1000 + i)
             warmup.append(time.perf_counter() - start)
@@ -113,6 +117,8 @@ def run(prepare: Callable[[dict, str], Prepared]):
             built.timing_starts()
         seconds, units = [], []
         for r in range(spec["repeats"]):
+            if built.before_call:
+                built.before_call(r)
             start = time.perf_counter()
             produced = built.call(r)
             seconds.append(time.perf_counter() - start)

@@ -2,6 +2,10 @@
 
 mappa_sampler: the default SamplerConfig (on "sample_eos" workloads, stopped rows are dropped as
 the rest fit smaller batch buckets); mappa_sampler_whole_batch: compact_rows=False.
+"second_turn" workloads time an agent's second turn: the prompts of the first (untimed) turn, its
+generated tokens and a tool output, as the episode runner builds them. mappa_sampler starts it
+from the first turn's kept KV cache (reuse_context="on"), mappa_sampler_reprefill prefills the
+whole prompts again (reuse_context="off").
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ def prepare(workload: dict, system: str) -> common.Prepared:
 
     batch, new_tokens = workload["batch"], workload["new_tokens"]
     stop_at_eos = workload["kind"] == "sample_eos"
+    if workload["kind"] == "second_turn":
+        return _second_turn(workload, system)
     prompts, path = common.smollm2_prompts(batch, workload["prompt_tokens"], mixed=stop_at_eos)
     cfg, state = weights.load_gguf(path)
     width = max(map(len, prompts))
@@ -41,18 +47,25 @@ def prepare(workload: dict, system: str) -> common.Prepared:
             sampler.generate(state, prompts[:rows], max_new_tokens=1, stop_token_ids=[])
     # The decode's own time (prefill excluded, the layer copies it reads included), for its fraction
     # of the decode roofline.
-    prefill, decode, compact, decode_layers = sampler.programs()
-    decode_seconds, last = [0.0], {}
+    programs = sampler.programs()
+    decode_seconds, last, prefilled = [0.0], {}, []
+
+    def prefill(*args, **kwargs):
+        prefilled[:] = [programs.prefill(*args, **kwargs)]
+        return prefilled[0]
 
     def timed(program):
         def run(*args, **kwargs):
-            jax.block_until_ready(args)  # the prefill that produced the cache finishes outside the timer
+            # The prefill finishes outside the timer: XLA:CPU runs programs in the order they were
+            # dispatched, so the layer copy (made after it) would otherwise wait for it on the clock.
+            jax.block_until_ready((args, prefilled))
             start = time.perf_counter()
             out = jax.block_until_ready(program(*args, **kwargs))
             decode_seconds[0] += time.perf_counter() - start
             return out
         return run
-    sampler._programs[None] = (prefill, timed(decode), compact, timed(decode_layers))
+    sampler._programs[None] = programs._replace(prefill=prefill, decode=timed(programs.decode),
+                                                decode_layers=timed(programs.decode_layers))
 
     def call(seed: int):
         if stop_at_eos:
@@ -76,6 +89,43 @@ def prepare(workload: dict, system: str) -> common.Prepared:
 
     return common.Prepared(call, batch * new_tokens, dict(common.prompt_info(prompts), settings="float32, stop_token_ids=[]"),
                            check, timing_starts=last.clear)  # decode figures of the timed calls only
+
+
+TOOL_OUTPUT = ("Execution output:\n```\n" + "\n".join(f"step {i}: x = {i * i - 3 * i + 7}, residual = {0.5 ** i:.6f}"
+                                                      for i in range(8)) + "\n```")
+
+
+def _second_turn(workload: dict, system: str) -> common.Prepared:
+    from mappa_jax.models import weights
+    from mappa_jax.sampling import Sampler, SamplerConfig
+    from mappa_jax.workflows.chat import ChatFormat
+
+    batch, new_tokens = workload["batch"], workload["new_tokens"]
+    prompts, path = common.smollm2_prompts(batch, workload["prompt_tokens"])
+    cfg, state = weights.load_gguf(path)
+    chat = ChatFormat(weights.load_tokenizer(path))
+    reuse = system == "mappa_sampler"
+    sampler = Sampler(cfg, SamplerConfig(batch_buckets=(batch,), prompt_buckets=(128, 256, 512, 1024),
+                                         generation_buckets=(new_tokens,), reuse_context="on" if reuse else "off"))
+    turn = {}
+    sample = dict(max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=[])  # every row decodes every step
+
+    def first_turn(seed: int):
+        out = sampler.generate(state, prompts, seed=seed, keep_context=reuse, **sample)
+        turn["context"] = out.context
+        turn["prompts"] = [p + g + chat.continuation_ids("user", TOOL_OUTPUT, g) for p, g in zip(prompts, out.sequences())]
+
+    def call(seed: int):
+        out = sampler.generate(state, turn["prompts"], seed=seed + 1, context=turn.pop("context"), **sample)
+        common.check_lengths(out.lengths, batch, new_tokens, "mappa_jax")
+        turn.update(prefilled_tokens=out.prefilled_tokens, prompt_tokens=sum(map(len, turn["prompts"])))
+
+    def check() -> dict:
+        return {"prefilled_tokens": turn["prefilled_tokens"], "prompt_tokens": turn["prompt_tokens"],
+                "first_turn_prompt_tokens": sum(map(len, prompts))}
+
+    return common.Prepared(call, batch * new_tokens, {"settings": f"float32, reuse_context={'on' if reuse else 'off'}"},
+                           check, before_call=first_turn)
 
 
 if __name__ == "__main__":

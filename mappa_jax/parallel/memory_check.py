@@ -85,6 +85,9 @@ class Workload:
     sampler_weight_layout: str = "gathered"
     # sampler.decode_weights resolved: True = each generate call copies the weights out of the stack.
     sampler_unstacked: bool = False
+    # sampler.reuse_context resolved: True = an agent's next turn starts from the KV cache its last
+    # turn kept, which lives next to the new call's cache while that call prefills.
+    sampler_keeps_context: bool = False
 
     def __post_init__(self):
         for key in ("num_agents", "train_micro_batch", "train_seq_len", "rollout_rows",
@@ -126,7 +129,8 @@ class MemoryEstimate:
 
     @property
     def rollout(self) -> int:
-        return self.terms["kv_cache"] + self.terms["prefill"] + self.terms.get("sampler_weights", 0)
+        return (self.terms["kv_cache"] + self.terms["prefill"] + self.terms.get("sampler_weights", 0)
+                + self.terms.get("kept_context", 0))
 
     @property
     def peak(self) -> int:
@@ -266,7 +270,8 @@ def estimate(work: Workload, mesh_sizes: Mapping[str, int]) -> MemoryEstimate:
 
     terms = {"weights": weights, "reference": reference, "adapters": adapters, "optimizer": optimizer,
              "compute_copies": compute_copies, "gradients": gradients, "activations": activations, "logits": logits,
-             "kv_cache": kv_cache, "prefill": prefill, "sampler_weights": sampler_weights, "forward": forward}
+             "kv_cache": kv_cache, "prefill": prefill, "sampler_weights": sampler_weights, "forward": forward,
+             "kept_context": kv_cache if work.sampler_keeps_context else 0}
     return MemoryEstimate(sizes, work.lora_rank, terms, sampler_weight_layout=work.sampler_weight_layout)
 
 
@@ -384,9 +389,12 @@ def workload_from_config(config, model: ModelConfig, platform: str | None = None
     sampler prompt bucket, the generation to a sampler generation bucket, and computes logits on the
     generation only. The longest prompt is the smaller of topology.max_prompt_tokens (0 = no limit)
     and the largest prompt bucket; the longest generation is the largest agent max_new_tokens.
-    platform: the devices' ("cpu", "tpu", ...), which resolves sampler.decode_weights "auto"."""
+    platform: the devices' ("cpu", "tpu", ...), which resolves sampler.decode_weights and
+    sampler.reuse_context "auto"."""
     decode_weights = config.sampler.get("decode_weights", "auto")
     unstacked = decode_weights == "unstacked" or (decode_weights == "auto" and platform == "cpu")
+    reuse_context = config.sampler.get("reuse_context", "auto")
+    keeps_context = reuse_context == "on" or (reuse_context == "auto" and platform == "cpu")
     agents = config.topology.agents
     policies = {agents[name].policy for name in agents}
     new_tokens = max(int(agents[name].max_new_tokens) for name in agents)
@@ -409,7 +417,7 @@ def workload_from_config(config, model: ModelConfig, platform: str | None = None
         attention_block=int(m.get("train_attention_block", model.attention_block_size)),
         prefill_block=int(config.sampler.get("prefill_block_size", 0)),
         sampler_weight_layout=config.sampler.get("weight_layout", "gathered"),
-        sampler_unstacked=unstacked)
+        sampler_unstacked=unstacked, sampler_keeps_context=keeps_context)
 
 
 def _first_device(mesh):

@@ -6,6 +6,7 @@ import dataclasses
 _DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_LAYOUTS = ("gathered", "sharded")
 DECODE_WEIGHTS = ("auto", "unstacked", "stacked")
+REUSE_CONTEXT = ("auto", "on", "off")
 
 
 def _check_buckets(name: str, buckets) -> tuple[int, ...]:
@@ -48,6 +49,14 @@ class SamplerConfig:
         transposed 177 ms per decode step (`python benchmarks/decode_profile.py`). "auto" =
         unstacked on CPU, stacked elsewhere (not measured on TPU or GPU, whose compilers can fuse
         the slice into the matmul). Same tokens either way (to float rounding of the logits).
+    reuse_context: "on" = SamplerPolicy asks each generate call to keep its rows' KV cache (prompt
+        and generated tokens) and hands it to the policy's next call, which then prefills only
+        what its prompts add (`Sampler.generate(keep_context=..., context=...)`): the Code
+        Executor's second turn runs the tool output through the model, not the whole conversation.
+        The kept cache lives until that next call has prefilled (the memory check counts it as
+        `kept_context`). "off" = every call prefills its whole prompts; "auto" = on on CPU, where
+        prefill is compute-bound and memory ample, off elsewhere (not measured on TPU or GPU).
+        Same tokens either way (to float rounding of the logits).
     """
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     prompt_buckets: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -59,6 +68,7 @@ class SamplerConfig:
     weight_layout: str = "gathered"
     compact_rows: bool = True
     decode_weights: str = "auto"
+    reuse_context: str = "auto"
 
     def __post_init__(self):
         for name in ("batch_buckets", "prompt_buckets", "generation_buckets"):
@@ -71,6 +81,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.weight_layout={self.weight_layout!r} is not one of {WEIGHT_LAYOUTS}")
         if self.decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"sampler.decode_weights={self.decode_weights!r} is not one of {DECODE_WEIGHTS}")
+        if self.reuse_context not in REUSE_CONTEXT:
+            raise ValueError(f"sampler.reuse_context={self.reuse_context!r} is not one of {REUSE_CONTEXT}")
         if int(self.prefill_block_size) < 0:
             raise ValueError(f"sampler.prefill_block_size must be >= 0, got {self.prefill_block_size}")
 

@@ -10,6 +10,10 @@ compact: keeps the given rows of a decode call's state, so the caller can contin
     rows in a smaller batch bucket (`DecodeProgress` carries the loop across calls).
 decode_layers: every layer's weights copied out of the stacked arrays, as stored or transposed for
     weights-first matmuls (`Decoder.layer_slices`); what decode reads on CPU (sampler.decode_weights).
+extend: a prefill that starts from kept KV-cache rows (an earlier call's prompt and generated
+    tokens): only each row's new suffix runs through the model, then every row's real slots are
+    packed to the right of a prompt bucket, so decode sees what a prefill of the whole prompt gives.
+keep_rows: writes the rows of a decode call that have finished into the kept cache, by output row.
 
 Parameters (and LoRA adapters) are arguments, never constants, so one compiled program serves
 every agent of the same architecture; shapes come from buckets, so new lengths never recompile.
@@ -17,6 +21,7 @@ every agent of the same architecture; shapes come from buckets, so new lengths n
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,10 +66,19 @@ class DecodeProgress:
                    np.zeros((rows, budget), np.float32))
 
 
+class SamplerPrograms(NamedTuple):
+    """The jitted programs of one model graph and LoRA graph (see the module docstring)."""
+    prefill: Callable
+    decode: Callable
+    compact: Callable
+    decode_layers: Callable
+    extend: Callable
+    keep_rows: Callable
+
+
 def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh=None, batch_axes=None,
                    long_prompt_graphdef=None, long_prompt: int = 0):
-    """(prefill, decode, compact, decode_layers) jitted for one model graph (and one LoRA graph, or
-    None). Prompts longer than `long_prompt` prefill with `long_prompt_graphdef` (the same model,
+    """SamplerPrograms for one model graph (and one LoRA graph, or None). Prompts longer than `long_prompt` prefill with `long_prompt_graphdef` (the same model,
     blockwise attention). decode takes `decode_layers`' output as its `layers`, or None to slice
     each layer out of the stacked arrays inside its loop."""
 
@@ -142,7 +156,48 @@ def build_programs(graphdef, lora_graphdef, cache_dtype, pad_token_id: int, mesh
         rows_of = lambda x: take(x) if x.ndim else x  # the step counter is shared by all rows
         return cache.map(take), take(logits), take(prompt_mask), take(row_ids), jax.tree.map(rows_of, progress)
 
-    prefill_jit = jax.jit(prefill, static_argnames=("generation_slots",))
-    decode_jit = jax.jit(decode, donate_argnames=("cache", "logits", "progress"))
-    compact_jit = jax.jit(compact)  # a smaller output: nothing to donate into
-    return prefill_jit, decode_jit, compact_jit, jax.jit(decode_layers, static_argnames=("weights_first",))
+    def extend(params, lora, context, context_mask, context_rows, tokens, mask, *, prompt_slots: int,
+               generation_slots: int):
+        """context [R, Hkv, W, D] per layer with context_mask [R, W] (its real slots); each of the B
+        new prompts is context row `context_rows[b]`'s tokens followed by its suffix `tokens[b]`
+        (left-padded [B, S], `mask`). Returns the cache [B, Hkv, prompt_slots + generation_slots, D]
+        with each row's real slots (context, then suffix) right-aligned in the first prompt_slots,
+        the logits after the last suffix token and the prompt mask [B, prompt_slots]: what prefill
+        returns for the whole prompts, left-padded to prompt_slots, without recomputing the context."""
+        model, adapters = merged(params, lora)
+        width, suffix = context.slots, tokens.shape[1]
+        kept_mask = jnp.concatenate([jnp.take(context_mask, context_rows, axis=0), mask], axis=1)  # [B, W+S]
+        rows = context.map(lambda c: jnp.pad(jnp.take(c, context_rows, axis=0),
+                                             ((0, 0), (0, 0), (0, suffix), (0, 0))))
+        # Positions continue from the context's real tokens, wherever its slots are.
+        positions = jnp.sum(kept_mask[:, :width], axis=1, dtype=jnp.int32)[:, None] + positions_from_mask(mask)
+        hidden, cache = model(tokens, positions, kept_mask, cache=rows, cache_index=width, lora=adapters,
+                              return_hidden=True)
+        last = model.head(hidden[:, -1])  # left padding: every row's last suffix slot is real
+        # Real slots to the right (a stable sort puts the masked ones first); slot order inside a
+        # row does not change attention (positions are already in the keys), only the mask does.
+        extra = max(0, prompt_slots - (width + suffix))
+        kept_mask = jnp.pad(kept_mask, ((0, 0), (extra, 0)))
+        order = jnp.argsort(kept_mask, axis=1, stable=True)[:, -prompt_slots:]  # [B, prompt_slots]
+
+        def pack(c):  # [B, Hkv, W+S, D] -> [B, Hkv, prompt_slots + generation_slots, D]
+            c = jnp.pad(c, ((0, 0), (0, 0), (extra, 0), (0, 0)))
+            packed = jnp.take_along_axis(c, order[:, None, :, None], axis=2)
+            return _constrain(jnp.pad(packed, ((0, 0), (0, 0), (0, generation_slots), (0, 0))), mesh,
+                              _cache_spec(batch_axes))
+
+        prompt_mask = jnp.take_along_axis(kept_mask, order, axis=1)
+        return cache.map(pack), _constrain(last, mesh, P(batch_axes, None)), prompt_mask
+
+    def keep_rows(kept, cache, destination):
+        """kept [R, ...] with row r of `cache` written at kept row destination[r] (out of range:
+        skipped), in place under donation."""
+        return jax.tree.map(lambda k, c: k.at[destination].set(c, mode="drop"), kept, cache)
+
+    return SamplerPrograms(
+        prefill=jax.jit(prefill, static_argnames=("generation_slots",)),
+        decode=jax.jit(decode, donate_argnames=("cache", "logits", "progress")),
+        compact=jax.jit(compact),  # a smaller output: nothing to donate into
+        decode_layers=jax.jit(decode_layers, static_argnames=("weights_first",)),
+        extend=jax.jit(extend, static_argnames=("prompt_slots", "generation_slots")),
+        keep_rows=jax.jit(keep_rows, donate_argnames=("kept",)))

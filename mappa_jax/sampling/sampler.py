@@ -8,7 +8,12 @@
 Prompts of different lengths are left-padded into a prompt-length bucket (positions come from the
 mask, so logits equal the unpadded ones); the distinct prompts are prefilled once and their cache
 rows replicated n times; batch and generation budget snap to buckets too. A multi-turn
-continuation is simply a longer prompt (earlier context + new tokens), re-prefilled.
+continuation is a longer prompt (earlier context + new tokens): re-prefilled whole, or, with the
+earlier call's `keep_context=True` output passed as `context`, only its new tokens are:
+
+    first = sampler.generate(params_state, prompts, max_new_tokens=256, keep_context=True)
+    second = sampler.generate(params_state, [p + g + tool_output for ...], max_new_tokens=256,
+                              context=first.context)   # prefills the tool outputs only
 """
 from __future__ import annotations
 
@@ -22,11 +27,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mappa_jax.models.config import ModelConfig
-from mappa_jax.models.decoder import WEIGHTS_FIRST_MAX_ROWS
+from mappa_jax.models.decoder import WEIGHTS_FIRST_MAX_ROWS, KVCache
 from mappa_jax.models.weights import abstract_model
 from mappa_jax.parallel.distributed import fetch_global
 from mappa_jax.sampling.config import SamplerConfig, bucket_for
-from mappa_jax.sampling.engine import DecodeProgress, build_programs
+from mappa_jax.sampling.engine import DecodeProgress, SamplerPrograms, build_programs
 from mappa_jax.sampling.stops import compile_stop_patterns, stop_table_arrays, token_bytes
 
 
@@ -46,9 +51,52 @@ class SampleOutput:
     truncated: np.ndarray
     decode_steps: int = 0  # loop iterations run (summed over batch chunks); < budget on early exit
     decode_row_steps: int = 0  # rows x iterations computed, filler rows included (falls as rows are dropped)
+    context: "KeptContext | None" = None  # with keep_context: every row's KV cache, for the next call
+    prefilled_tokens: int = 0  # prompt tokens run through the model (a kept context's are not)
 
     def sequences(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+@dataclasses.dataclass
+class KeptContext:
+    """The KV cache of a generate call's rows (prompt, then generated tokens), kept for a next call
+    whose prompts extend them (`Sampler.generate(context=...)`, which frees it).
+
+    cache: [rows, Hkv, slots, D] per layer; mask: [rows, slots], the real slots of each row;
+    rows: the tokens of output row r (prompt + generated) -> its cache row; weights: the leaves of
+    the params and LoRA state that computed it (a call with other weights prefills in full)."""
+    cache: KVCache | None
+    mask: jax.Array | None
+    rows: dict[tuple[int, ...], int]
+    weights: tuple
+    lora_graphdef: object
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.cache is None else sum(x.nbytes for x in jax.tree.leaves((self.cache, self.mask)))
+
+    def release(self) -> None:
+        """Drops the device buffers (the arrays are freed once nothing else holds them)."""
+        self.cache, self.mask, self.rows, self.weights = None, None, {}, ()
+
+    def match(self, prompts: Sequence[Sequence[int]]) -> list[tuple[int, int]] | None:
+        """(cache row, kept tokens) per prompt: the longest kept row each prompt strictly extends;
+        None unless every prompt extends one."""
+        if self.cache is None:
+            return None
+        by_length: dict[int, dict[tuple[int, ...], int]] = {}
+        for tokens, row in self.rows.items():
+            by_length.setdefault(len(tokens), {})[tokens] = row
+        lengths = sorted(by_length, reverse=True)
+        found = []
+        for prompt in prompts:
+            hit = next(((by_length[k][tuple(prompt[:k])], k) for k in lengths
+                        if k < len(prompt) and tuple(prompt[:k]) in by_length[k]), None)
+            if hit is None:
+                return None
+            found.append(hit)
+        return found
 
 
 def _as_state(obj):
@@ -92,9 +140,9 @@ class Sampler:
         self._no_stop_table = stop_table_arrays([], cfg.vocab_size)
 
     # ---- compiled programs ----------------------------------------------------------------------
-    def programs(self, lora_graphdef=None):
-        """(prefill, decode, compact, decode_layers), jitted, for a LoRA graph (None: the base
-        model); what generate runs (see `mappa_jax.sampling.engine`)."""
+    def programs(self, lora_graphdef=None) -> SamplerPrograms:
+        """The jitted programs generate runs for a LoRA graph (None: the base model); see
+        `mappa_jax.sampling.engine`."""
         return self._programs_for(lora_graphdef)
 
     def _programs_for(self, lora_graphdef):
@@ -105,13 +153,26 @@ class Sampler:
         return self._programs[lora_graphdef]
 
     @property
+    def platform(self) -> str:
+        """The platform the programs run on ("cpu", "tpu", ...), which resolves the "auto" options."""
+        devices = getattr(self.mesh, "devices", None)  # an AbstractMesh has none: the default backend's
+        return jax.default_backend() if devices is None else devices.flat[0].platform
+
+    @property
     def unstacks_weights(self) -> bool:
         """Whether generate copies each layer's weights out of the stack for its decode calls
         (sampler.decode_weights)."""
         if self.config.decode_weights != "auto":
             return self.config.decode_weights == "unstacked"
-        devices = getattr(self.mesh, "devices", None)  # an AbstractMesh has none: the default backend's
-        return (jax.default_backend() if devices is None else devices.flat[0].platform) == "cpu"
+        return self.platform == "cpu"
+
+    @property
+    def reuses_context(self) -> bool:
+        """Whether a policy's next call should start from the KV cache its last call kept
+        (sampler.reuse_context; SamplerPolicy asks for it)."""
+        if self.config.reuse_context != "auto":
+            return self.config.reuse_context == "on"
+        return self.platform == "cpu"
 
     def num_compiled(self) -> int:
         """Compiled (shape-specialised) programs so far, over all LoRA variants."""
@@ -179,7 +240,7 @@ class Sampler:
     def generate(self, params, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  stop_token_ids: Sequence[int] | None = None, stop_strings=(), seed: int = 0,
-                 lora=None) -> SampleOutput:
+                 lora=None, keep_context: bool = False, context: KeptContext | None = None) -> SampleOutput:
         """Samples n continuations of every prompt (lists of token ids).
 
         params: the decoder's nnx.State (or the Decoder itself); on a mesh, pass it placed with
@@ -188,6 +249,10 @@ class Sampler:
         or its nnx.split (graphdef, state), or None for the base model (= the reference policy). temperature 0 is greedy; top_k <= 0 / top_p >= 1 disable those
         filters. stop_token_ids defaults to the model's EOS ids; stop_strings are strings or tuples
         of strings matched in order (see `mappa_jax.sampling.stops`). Same seed, same tokens.
+        keep_context: return every row's KV cache as `out.context` (when the call is one batch
+        chunk; else None). context: an earlier call's `out.context`, freed by this call; when n is
+        1, the call is one chunk, the weights are the same arrays and every prompt extends one of
+        its rows (prompt + generated tokens), only the rest of each prompt is prefilled.
         """
         cfg, sc = self.cfg, self.config
         if n < 1:
@@ -218,6 +283,15 @@ class Sampler:
                              "(the graph carries the targets and scale)")
         programs = self._programs_for(lora_graphdef)
         params, lora_state = self.place_weights(params), self.place_weights(lora_state)
+        weights = (tuple(jax.tree.leaves(params)), tuple(jax.tree.leaves(lora_state)))
+        single_chunk = len(prompts) <= per_call
+        reuse = None
+        if context is not None:
+            same_weights = (context.lora_graphdef == lora_graphdef and len(context.weights) == 2
+                            and all(len(a) == len(b) and all(x is y for x, y in zip(a, b))
+                                    for a, b in zip(context.weights, weights)))
+            if n == 1 and single_chunk and same_weights:
+                reuse = context.match(prompts)
         layers = self._decode_layers(programs[3], params, lora_state) if self.unstacks_weights else None
 
         stop_ids = sorted(set(cfg.eos_token_ids if stop_token_ids is None else stop_token_ids))
@@ -233,10 +307,19 @@ class Sampler:
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start:start + per_call]
             parts.append(self._generate_chunk(programs, params, lora_state, layers, chunk, start, n, budget,
-                                              max_new_tokens, scalars, shared))
+                                              max_new_tokens, scalars, shared, context if reuse else None, reuse,
+                                              keep_context and single_chunk))
+        if context is not None:
+            context.release()
         tokens, logprobs, lengths, stopped = (np.concatenate(x) for x in zip(*(p[:4] for p in parts)))
         tokens, logprobs = tokens[:, :max_new_tokens], logprobs[:, :max_new_tokens]
-        return SampleOutput(tokens, logprobs, lengths, ~stopped, sum(p[4] for p in parts), sum(p[5] for p in parts))
+        kept = None
+        if keep_context and single_chunk:
+            cache, mask = parts[0][6]
+            rows = {tuple(prompts[r // n]) + tuple(tokens[r, :lengths[r]].tolist()): r for r in range(len(tokens))}
+            kept = KeptContext(cache, mask, rows, weights, lora_graphdef)
+        return SampleOutput(tokens, logprobs, lengths, ~stopped, sum(p[4] for p in parts), sum(p[5] for p in parts),
+                            context=kept, prefilled_tokens=sum(p[7] for p in parts))
 
     @staticmethod
     def _decode_layers(program, params, lora_state):
@@ -254,13 +337,15 @@ class Sampler:
         return layers_for
 
     def _generate_chunk(self, programs, params, lora_state, layers, prompts, first_prompt, n, budget,
-                        max_new_tokens, scalars, shared):
-        """Prefill, then decode; with sampler.compact_rows, each time the running rows fit a smaller
-        batch bucket, the loop stops, keeps only those rows and continues in that bucket (rows that
-        stopped early stop costing decode work). Same tokens either way: a row's randomness depends
-        only on its id and step. Returns the rows' tokens, logprobs, lengths, stopped flags, the
-        loop's iterations and the rows x iterations it computed."""
-        prefill, decode, compact, _ = programs
+                        max_new_tokens, scalars, shared, context=None, reuse=None, keep_cache=False):
+        """Prefill (or, with `reuse` from `KeptContext.match`, extend the kept rows by the rest of
+        each prompt), then decode; with sampler.compact_rows, each time the running rows fit a
+        smaller batch bucket, the loop stops, keeps only those rows and continues in that bucket
+        (rows that stopped early stop costing decode work). Same tokens either way: a row's
+        randomness depends only on its id and step. Returns the rows' tokens, logprobs, lengths,
+        stopped flags, the loop's iterations, the rows x iterations it computed, with `keep_cache` the
+        (cache, mask) of every row once done (else None), and the prompt tokens prefilled."""
+        decode, compact = programs.decode, programs.compact
         sc = self.config
         num_rows = len(prompts) * n
         prompt_len = bucket_for(max(len(p) for p in prompts), sc.prompt_buckets, "prompt_buckets", "prompt length")
@@ -277,12 +362,22 @@ class Sampler:
         active = np.arange(decode_rows) < num_rows
         row_ids = (first_prompt * n + np.arange(decode_rows)).astype(np.int32)
 
-        cache, logits = prefill(params, lora_state, self._put_batch(tokens), self._put_batch(mask),
-                                self._put_batch(row_source), generation_slots=budget)
+        if reuse is None:
+            cache, logits = programs.prefill(params, lora_state, self._put_batch(tokens), self._put_batch(mask),
+                                             self._put_batch(row_source), generation_slots=budget)
+            prompt_mask = self._put_batch(mask[row_source])
+            prefilled = sum(len(p) for p in prompts)
+        else:
+            cache, logits, prompt_mask = self._extend(programs.extend, params, lora_state, context, reuse, prompts,
+                                                      prefill_rows, prompt_len, budget)
+            prefilled = sum(len(p) - kept for p, (_, kept) in zip(prompts, reuse))
         patterns = shared[1].shape[0]
         progress = DecodeProgress.start(active, budget, patterns, sc.pad_token_id)
         progress = jax.tree.map(lambda x: self._put_batch(x) if x.ndim else self._put_replicated(x), progress)
-        prompt_mask, row_ids_device = self._put_batch(mask[row_source]), self._put_batch(row_ids)
+        row_ids_device = self._put_batch(row_ids)
+        # keep_cache: every row's cache once it is done, by output row (the first call's cache is in that
+        # order; rows finishing after a compaction are written back into it).
+        kept, kept_prompt_mask = None, prompt_mask
         origin = np.where(active, np.arange(decode_rows), -1)  # output row of each decode row; -1 = filler
         out = [np.full((num_rows, budget), sc.pad_token_id, np.int32), np.zeros((num_rows, budget), np.float32),
                np.zeros((num_rows,), np.int32), np.zeros((num_rows,), bool)]
@@ -304,6 +399,11 @@ class Sampler:
             finished = (origin >= 0) & (done | last_call)
             for dst, src in zip(out, state[2:]):
                 dst[origin[finished]] = src[finished]
+            if keep_cache and kept is None:
+                kept = cache  # compact does not donate it: it outlives the smaller buckets' caches
+            elif keep_cache and finished.any():
+                destination = np.where(finished, origin, decode_rows).astype(np.int32)  # out of range: skipped
+                kept = programs.keep_rows(kept, cache, self._put_replicated(destination))
             if last_call:
                 break
             # Keep the running rows, then fill the smaller bucket with rows that are done.
@@ -312,4 +412,27 @@ class Sampler:
             cache, logits, prompt_mask, row_ids_device, progress = compact(
                 cache, logits, prompt_mask, row_ids_device, progress, self._put_replicated(keep))
             origin = np.where(np.arange(new_rows) < running.size, origin[keep], -1)
-        return (*out, last_step, row_steps)
+        kept_context = None
+        if keep_cache:
+            generated = np.zeros((decode_rows, budget), bool)
+            generated[:num_rows] = np.arange(budget)[None, :] < out[2][:, None]  # every sampled token's KV is written
+            kept_context = (kept, jnp.concatenate([kept_prompt_mask, self._put_batch(generated)], axis=1))
+        return (*out, last_step, row_steps, kept_context, prefilled)
+
+    def _extend(self, extend, params, lora_state, context, reuse, prompts, rows, prompt_len, budget):
+        """extend's cache, logits and prompt mask for prompts that continue the kept rows `reuse`:
+        the rest of each prompt left-padded into a prompt bucket, filler rows a pad token after the
+        first prompt's kept row (so they fit the prompt bucket too)."""
+        sc = self.config
+        suffixes = [p[kept:] for p, (_, kept) in zip(prompts, reuse)]
+        suffix_len = bucket_for(max(len(x) for x in suffixes), sc.prompt_buckets, "prompt_buckets", "prompt length")
+        tokens = np.full((rows, suffix_len), sc.pad_token_id, np.int32)
+        mask = np.zeros((rows, suffix_len), bool)
+        mask[:, -1] = True
+        context_rows = np.full((rows,), reuse[0][0], np.int32)
+        for i, (suffix, (row, _)) in enumerate(zip(suffixes, reuse)):
+            tokens[i, suffix_len - len(suffix):] = suffix
+            mask[i, suffix_len - len(suffix):] = True
+            context_rows[i] = row
+        return extend(params, lora_state, context.cache, context.mask, self._put_batch(context_rows),
+                      self._put_batch(tokens), self._put_batch(mask), prompt_slots=prompt_len, generation_slots=budget)
