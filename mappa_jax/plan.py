@@ -269,8 +269,9 @@ def plan_run(config, devices=None, *, check: bool = True) -> RunPlan:
     lora_graphdef = updater.lora_graphdef
     # compact: a row gather, no memory of its own; decode_layers: a copy, counted as sampler_weights;
     # extend: a prefill of the new tokens next to the kept cache, counted as kept_context.
-    programs = sampler.programs(lora_graphdef)
-    prefill, decode, decode_layers = programs.prefill, programs.decode, programs.decode_layers
+    sampler_programs = sampler.programs(lora_graphdef)
+    prefill, decode, decode_layers = (sampler_programs.prefill, sampler_programs.decode,
+                                      sampler_programs.decode_layers)
     shardings_of = getattr(sampler, "weight_shardings", None)
     place = lambda tree: tree if tree is None or shardings_of is None else abstract(tree, shardings_of(tree))
     held = (params, sampler_copy) if updater.uses_lora else (sampler_copy, None)  # what SamplerPolicy holds
