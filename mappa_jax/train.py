@@ -390,7 +390,12 @@ class Trainer:
         c = self.config
         t0 = time.perf_counter()
         tasks = next(self.pipeline)
+        asked_before, prefilled_before = self.policy.prompt_tokens, self.policy.prefilled_tokens
         result, verdicts, outcomes, timing = self.rollout(tasks, self.step)
+        # Prompt tokens the agents' calls asked for vs those the sampler ran (the rest came from a
+        # kept KV cache: sampler.reuse_context).
+        prompt_counts = {"rollout/prompt_tokens": self.policy.prompt_tokens - asked_before,
+                         "rollout/prefilled_tokens": self.policy.prefilled_tokens - prefilled_before}
         stats, rewarded = self.episode_stats(tasks, result, verdicts, prefix="", outcomes=outcomes)
         group_of = {t.task_id: i for i, t in enumerate(tasks)}
         samples = collections.defaultdict(list)
@@ -417,7 +422,7 @@ class Trainer:
         coach = {f"coach/{k}": v for k, v in self.coach_metrics().items()}
         self.step += 1
         self.log_episodes("train", self.step, tasks, result, verdicts, outcomes, rewarded)
-        return {**stats, **rl_metrics, **counts, **coach, **timing, "time/update_s": update_s,
+        return {**stats, **rl_metrics, **counts, **coach, **timing, **prompt_counts, "time/update_s": update_s,
                 "time/step_s": time.perf_counter() - t0, "rollout/generated_tokens": result.timings.generated_tokens}
 
     def coach_metrics(self) -> dict[str, float]:

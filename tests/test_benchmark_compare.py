@@ -139,30 +139,21 @@ def test_the_mappa_update_worker_at_smoke_size(tmp_path):
 
 def test_the_mappa_sampler_worker_at_smoke_size(tmp_path):
     """The real sampler worker (SmolLM2-135M from the GGUF) runs through the programs the Sampler
-    builds, and reports the decode's own rate and a greedy check."""
+    builds and reports the decode's own rate and a greedy check; on the second-turn workload the
+    next turn from the kept KV cache prefills only what the runner appended (the end of the first
+    turn and the tool output). One compare run, one process per workload."""
     out, raw = _run(tmp_path, ["mappa_sampler"], [], rounds=1, repeats="1",
-                    more=("--workloads", "sample_b2"))
-    ours = raw["summaries"]["sample_b2/mappa_sampler"]
-    assert ours["ok"], ours
-    run = next(r for r in raw["runs"] if r["system"] == "mappa_sampler")
-    assert ours["units_per_call"] == 2 * 8 and len(run["info"]["greedy_tokens"]) > 0
-    assert run["info"]["decode_tokens_per_s"][0] > 0
-    assert "mappa_jax Sampler" in out.read_text()
-
-
-def test_the_second_turn_workers_at_smoke_size(tmp_path):
-    """An agent's second turn from the kept KV cache prefills only what the runner appended (the
-    end of the first turn and the tool output); the re-prefilling peer prefills everything."""
-    out, raw = _run(tmp_path, ["mappa_sampler", "mappa_sampler_reprefill"], [], rounds=1, repeats="1",
-                    more=("--workloads", "second_turn_b2"))
-    reused, full = (raw["summaries"][f"second_turn_b2/{n}"] for n in ("mappa_sampler", "mappa_sampler_reprefill"))
-    assert reused["ok"] and full["ok"], (reused, full)
-    info = {r["system"]: r["info"] for r in raw["runs"]}
-    assert info["mappa_sampler"]["prompt_tokens"] == info["mappa_sampler_reprefill"]["prompt_tokens"]
-    assert info["mappa_sampler_reprefill"]["prefilled_tokens"] == info["mappa_sampler_reprefill"]["prompt_tokens"]
-    appended = info["mappa_sampler"]["prompt_tokens"] - info["mappa_sampler"]["first_turn_prompt_tokens"] - 2 * 8
-    assert info["mappa_sampler"]["prefilled_tokens"] == appended > 0
-    assert "prompt tokens prefilled" in out.read_text()
+                    more=("--workloads", "sample_b2", "second_turn_b2"))
+    ours, second = (raw["summaries"][f"{w}/mappa_sampler"] for w in ("sample_b2", "second_turn_b2"))
+    assert ours["ok"] and second["ok"], (ours, second)
+    info = {r["workload"]: r["info"] for r in raw["runs"]}
+    assert ours["units_per_call"] == 2 * 8 and len(info["sample_b2"]["greedy_tokens"]) > 0
+    assert info["sample_b2"]["decode_tokens_per_s"][0] > 0
+    turn = info["second_turn_b2"]
+    appended = turn["prompt_tokens"] - turn["first_turn_prompt_tokens"] - 2 * 8
+    assert turn["prefilled_tokens"] == appended > 0
+    report = out.read_text()
+    assert "mappa_jax Sampler" in report and "prompt tokens prefilled" in report
 
 
 def test_decode_roofline_is_the_slower_of_bytes_and_flops():

@@ -198,6 +198,7 @@ def test_metrics_rows_hold_per_agent_reward_length_tool_use_and_timing(runs):
         for key in ("time/step_s", "time/rollout_s", "time/update_s", "time/coach_wait_s"):
             assert row[key] >= 0.0, key
         assert row["time/step_s"] >= row["time/update_s"]
+        assert 0 < row["rollout/prefilled_tokens"] <= row["rollout/prompt_tokens"]
         assert row["actions/problem_solver/trained"] >= 1  # early stops give real training rows
     # The coach's scores come back as rewards: one epoch visits every problem once, 2 samples each.
     assert all(r["behaviour/coach_fallback"] == 0.0 and r["behaviour/episode_failed"] == 0.0 for r in rows[1:])
