@@ -280,6 +280,25 @@ def test_bundled_datasets_are_unreadable(sandbox, host_scan, tmp_path):
     assert "bundled dataset paths hidden" in sandbox.describe()
 
 
+def test_a_venv_hides_the_base_interpreters_site_packages(tmp_path):
+    """A venv's sandbox sees the base prefix (its interpreter and stdlib live there), so the base's
+    own site-packages, which the venv does not import from, is hidden whole: its scikit-learn's and
+    SciPy's datasets would otherwise be readable."""
+    import site
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    here = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    probe = ("import json; from mappa_jax.tools import SandboxConfig, backends; "
+             "layout = backends.PythonLayout(SandboxConfig()); "
+             "print(json.dumps([layout.hidden_dirs, [layout.to_sandbox(p) for p in %r]]))" % here)
+    repo = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join([repo, *here])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    hidden, base_site = json.loads(done.stdout)
+    assert base_site and all(path in hidden for path in base_site), (base_site, hidden)
+
+
 # --- rebuilding the hidden split --------------------------------------------------------------
 
 # Model code that knows what every agent can know: scikit-learn's iris and wine are sorted by

@@ -86,6 +86,15 @@ def _site_packages() -> list[str]:
     return list(dict.fromkeys(os.path.realpath(path) for path in dirs if os.path.isdir(path)))
 
 
+def _unused_site_packages() -> list[str]:
+    """The base interpreter's site-packages that a venv does not import from. They are visible
+    with the base prefix (or /usr), so they are hidden whole: their packages' data too."""
+    used = set(_site_packages())
+    base = site.getsitepackages(list(dict.fromkeys([sys.base_prefix, sys.base_exec_prefix])))
+    return [path for path in dict.fromkeys(os.path.realpath(p) for p in base if os.path.isdir(p))
+            if path not in used]
+
+
 def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
@@ -134,6 +143,7 @@ class PythonLayout:
             for relative in config.hidden_package_dirs:
                 if os.path.isdir(os.path.join(site_dir, relative)):
                     dirs.append(os.path.join(site_dir, relative))
+        dirs += _unused_site_packages()
         names = tuple(name.lower() for name in config.hidden_data_names)
         files = []
         for site_dir in _site_packages():
