@@ -287,10 +287,11 @@ def test_a_venv_hides_the_base_interpreters_site_packages(tmp_path):
     import site
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    here = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    here = [p for p in site.getsitepackages() if os.path.isdir(p)]  # for the probe's imports
+    base = [os.path.realpath(p) for p in site.getsitepackages([sys.base_prefix]) if os.path.isdir(p)]
     probe = ("import json; from mappa_jax.tools import SandboxConfig, backends; "
              "layout = backends.PythonLayout(SandboxConfig()); "
-             "print(json.dumps([layout.hidden_dirs, [layout.to_sandbox(p) for p in %r]]))" % here)
+             "print(json.dumps([layout.hidden_dirs, [layout.to_sandbox(p) for p in %r]]))" % base)
     repo = str(Path(__file__).resolve().parents[1])
     done = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join([repo, *here])})
