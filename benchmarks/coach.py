@@ -60,12 +60,14 @@ def throughput(n_requests: int = 1000, latency_s: float = 0.2, concurrency: int 
             os.environ.setdefault("GEMINI_API_KEY", "benchmark-placeholder-key")
         client = make_coach(config)
         verdicts, elapsed, cpu = asyncio.run(_run(client, _requests(n_requests)))
-        hits = server.stats()["hits"]
+        stats = server.stats()
     ideal = n_requests / concurrency * latency_s
     ok = sum(v.ok for v in verdicts)
     return {"backend": backend, "requests": n_requests, "concurrency": concurrency,
-            "latency_s": latency_s, "server_hits": hits, "ok": ok, "elapsed_s": elapsed,
-            "client_cpu_ms_per_request": 1000 * cpu / n_requests, "ideal_s": ideal, "ratio": elapsed / ideal if ideal else float("nan"), "metrics": client.metrics()}
+            "latency_s": latency_s, "server_hits": stats["hits"],
+            "server_max_in_flight": stats["max_in_flight"], "ok": ok, "elapsed_s": elapsed,
+            "client_cpu_ms_per_request": 1000 * cpu / n_requests, "ideal_s": ideal,
+            "ratio": elapsed / ideal if ideal else float("nan"), "metrics": client.metrics()}
 
 
 def _rollout_model(source: str, layers: int, hidden: int):
@@ -159,7 +161,7 @@ def rollout_overlap(model: str = "random:llama", tasks: int = 4, samples: int = 
         finally:
             policy.close()
             sandbox.close()
-        hits = server.stats()["hits"]
+        stats = server.stats()
     for result in (seq_result, ovl_result):
         result.remove_workspaces()
     same_actions = [a.generated_ids for a in seq_result.actions] == [a.generated_ids for a in ovl_result.actions]
@@ -215,7 +217,8 @@ def main():
     result = throughput(args.requests, args.latency, args.concurrency, args.backend)
     m = result["metrics"]
     print(f"backend={result['backend']} requests={result['requests']} concurrency={result['concurrency']} "
-          f"latency={result['latency_s']}s server_hits={result['server_hits']} ok={result['ok']}")
+          f"latency={result['latency_s']}s server_hits={result['server_hits']} "
+          f"server_max_in_flight={result['server_max_in_flight']} ok={result['ok']}")
     print(f"elapsed={result['elapsed_s']:.3f}s ideal={result['ideal_s']:.3f}s "
           f"ratio={result['ratio']:.3f} (target <= {TARGET_RATIO}: "
           f"{'PASS' if result['ratio'] <= TARGET_RATIO else 'FAIL'})")

@@ -188,6 +188,9 @@ def test_benchmark_runs_at_small_scale():
     spec = importlib.util.spec_from_file_location("coach_benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    result = benchmark.throughput(n_requests=64, latency_s=0.05, concurrency=16)
+    # A latency well above the client's per-request CPU, so all 16 are in flight even on a busy box.
+    result = benchmark.throughput(n_requests=64, latency_s=0.25, concurrency=16)
     assert result["ok"] == 64 and result["server_hits"] == 64
-    assert result["ratio"] < 5  # timing is asserted by the benchmark itself, not on a shared CI box
+    # Concurrency is asserted where the server sees it, never by wall time on a shared CI box
+    # (the benchmark itself checks the ratio, on an idle machine).
+    assert result["server_max_in_flight"] == 16

@@ -163,7 +163,8 @@ class FakeCoachServer:
     async def _respond(self, method: str, path: str, headers: dict[str, str], body: bytes):
         if method == "GET" and path == "/_stats":  # counters, for a server in another process
             with self._lock:
-                return 200, {"hits": self.hits, "hits_by_marker": dict(self.hits_by_marker)}, {}
+                return 200, {"hits": self.hits, "hits_by_marker": dict(self.hits_by_marker),
+                             "max_in_flight": self.max_in_flight}, {}
         if method != "POST":
             return 404, {"error": {"code": 404, "message": f"no route {method} {path}"}}, {}
         try:
