@@ -3,6 +3,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No test reads the Hugging Face hub; offline, a hub id that is not cached fails at once instead of
+# after ~20 s of connection retries (and subprocesses inherit it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
