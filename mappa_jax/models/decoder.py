@@ -106,6 +106,8 @@ def attention(q, k, v, q_slots, kv_mask, dtype, kv_layout: str = KEYS_FROM_INPUT
     b, t, hq, d = q.shape
     hkv, s = k.shape[kv_layout.index("k")], k.shape[kv_layout.index("s")]
     q = q.reshape(b, t, hkv, hq // hkv, d)
+    if kv_layout == KEYS_FROM_CACHE and t == 1:
+        return _decode_attention(q[:, 0], k, v, q_slots[0], kv_mask, dtype).reshape(b, t, hq * d)
     scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # [T, S]
     mask = causal[None, None, None] & kv_mask[:, None, None, None, :]
@@ -119,6 +121,18 @@ def attention(q, k, v, q_slots, kv_mask, dtype, kv_layout: str = KEYS_FROM_INPUT
     else:
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, hq * d)
+
+
+def _decode_attention(q, k, v, q_slot, kv_mask, dtype):
+    """`attention` for one query per row over a cache layer: q [B,Hkv,G,D]; k, v [B,Hkv,S,D].
+    Scores are kept slots-major, [B,Hkv,S,G], the layout XLA:CPU's dot of the cache against the G
+    query heads produces, so neither dot nor the softmax needs a transposed copy."""
+    d = q.shape[-1]
+    scores = jnp.einsum("bksd,bkgd->bksg", k, q, preferred_element_type=jnp.float32) / math.sqrt(d)
+    mask = kv_mask[:, None, :, None] & (jnp.arange(k.shape[2]) <= q_slot)[None, None, :, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=2).astype(dtype)
+    return jnp.einsum("bksg,bksd->bkgd", probs, v)  # [B,Hkv,G,D]: the heads in q's order
 
 
 # ---- blockwise (flash-style) attention ---------------------------------------------------------
