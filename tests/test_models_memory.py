@@ -115,6 +115,43 @@ def test_blockwise_attention_on_cache_layout_keys_matches_input_layout():
         assert _max_relative_diff(ref_grads, grads) <= 1e-6
 
 
+def _numpy_attention(q, k, v, q_slot, kv_mask):
+    """One query per row, q [B,Hq,D] over keys [B,Hkv,S,D]: softmax over the unmasked slots <= q_slot."""
+    b, hq, d = q.shape
+    group = hq // k.shape[1]
+    out = np.zeros_like(q, dtype=np.float64)
+    for row in range(b):
+        for head in range(hq):
+            keys, values = k[row, head // group].astype(np.float64), v[row, head // group].astype(np.float64)
+            scores = keys @ q[row, head].astype(np.float64) / np.sqrt(d)
+            keep = kv_mask[row] & (np.arange(keys.shape[0]) <= q_slot)
+            weights = np.exp(scores[keep] - scores[keep].max())
+            out[row, head] = weights @ values[keep] / weights.sum()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_step_attention_over_a_cache_layer_matches_numpy(dtype):
+    """The decode step's own attention path (one query per row, cache layout): grouped heads, left
+    padding, slots past the query's masked."""
+    from mappa_jax.models.decoder import attention
+    b, hkv, group, slots, d, q_slot = 3, 2, 3, 11, 8, 7
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((b, 1, hkv * group, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, hkv, slots, d)).astype(np.float32) for _ in range(2))
+    kv_mask = np.ones((b, slots), bool)
+    kv_mask[1, :3] = False  # left padding
+    kv_mask[2, :6] = False
+    cast = lambda x: jnp.asarray(x, dtype)
+    out = attention(cast(q), cast(k), cast(v), jnp.array([q_slot]), jnp.asarray(kv_mask), dtype, KEYS_FROM_CACHE)
+    assert out.shape == (b, 1, hkv * group * d) and out.dtype == dtype
+    rounded = lambda x: np.asarray(cast(x), np.float32)  # the inputs as the kernel saw them
+    expected = _numpy_attention(rounded(q)[:, 0], rounded(k), rounded(v), q_slot, kv_mask)
+    tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32).reshape(b, hkv * group, d), expected,
+                               atol=tolerance, rtol=tolerance)
+
+
 def test_remat_gives_same_loss_and_gradients(padded_batch):
     base = ModelConfig.tiny("qwen2")
     ref_value, _, ref_grads = _loss_and_grads(base, padded_batch)
