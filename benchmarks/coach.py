@@ -161,7 +161,7 @@ def rollout_overlap(model: str = "random:llama", tasks: int = 4, samples: int = 
         finally:
             policy.close()
             sandbox.close()
-        stats = server.stats()
+        hits = server.stats()["hits"]
     for result in (seq_result, ovl_result):
         result.remove_workspaces()
     same_actions = [a.generated_ids for a in seq_result.actions] == [a.generated_ids for a in ovl_result.actions]

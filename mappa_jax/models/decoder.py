@@ -116,7 +116,7 @@ def attention(q, k, v, q_slots, kv_mask, dtype, kv_layout: str = KEYS_FROM_INPUT
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     if kv_layout == KEYS_FROM_CACHE:
         # Heads-major output, then a transpose: with "->btkgd" XLA:CPU turns this dot into a
-        # transposed-values matmul off its fast path (a decode step's attention ~2x slower).
+        # transposed-values matmul off its fast path (~2x slower; one query row: _decode_attention).
         out = jnp.transpose(jnp.einsum("bkgts,bksd->bkgtd", probs, v), (0, 3, 1, 2, 4))
     else:
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
