@@ -23,6 +23,7 @@ from flax import nnx
 from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.decoder import Decoder, projection_shapes
 from mappa_jax.parallel import make_mesh
+from mappa_jax.plan import train_unrolls_layers
 from mappa_jax.rl import RLConfig, Sample, build_experience, prepare_experiences
 from mappa_jax.rl.update import PolicyUpdater
 
@@ -75,8 +76,10 @@ def synthetic_samples(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> 
 
 def jax_update_step(cfg: ModelConfig, rl: RLConfig, samples, seq: int):
     """One compiled PolicyUpdater update over `samples` per call (blocks until done)."""
+    mesh = make_mesh()
+    cfg = cfg.replace(unroll_layers=train_unrolls_layers("auto", mesh))  # the trainer's default layer loop
     graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
-    updater = PolicyUpdater(graphdef, rl, make_mesh())
+    updater = PolicyUpdater(graphdef, rl, mesh)
     policy = [updater.new_full_agent(state)]
     exp = build_experience(samples, length_buckets=[seq], batch_buckets=[len(samples)])
     prepared, _ = prepare_experiences(updater, {"a": policy[0]}, {"a": exp})

@@ -64,6 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.train_remat = False
     c.model.train_attention = "dense"     # "dense" | "blockwise"
     c.model.train_attention_block = 512
+    # The update's layers as an unrolled loop ("on") or a scan ("off"); "auto" = on on CPU, where
+    # XLA copies each scanned layer's weight slices (11-13 % faster updates), off elsewhere (a scan
+    # keeps compile time flat in depth; unrolling is not measured on TPU or GPU). Same numbers.
+    c.model.train_unroll_layers = "auto"
 
     # --- how each policy is parameterised -----------------------------------------------------
     c.policy = ml_collections.ConfigDict()
@@ -217,6 +221,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.train_attention not in ("dense", "blockwise"):
         raise ConfigError(f"config key 'model.train_attention' must be 'dense' or 'blockwise', "
                           f"got {config.model.train_attention!r}")
+    if config.model.get("train_unroll_layers", "auto") not in ("auto", "on", "off"):
+        raise ConfigError("config key 'model.train_unroll_layers' must be 'auto', 'on' or 'off', "
+                          f"got {config.model.train_unroll_layers!r}")
     dtypes = ("float32", "bfloat16", "float16")
     for key, value in (("model.param_dtype", config.model.param_dtype), ("model.dtype", config.model.dtype),
                        ("train.export_dtype", config.train.export_dtype or config.model.dtype)):

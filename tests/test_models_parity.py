@@ -69,10 +69,13 @@ def test_logits_match_transformers(family, overrides):
 
 
 @pytest.mark.parametrize("family,overrides", [FAMILIES[0], FAMILIES[2]])
-def test_gradients_match_transformers(family, overrides):
+@pytest.mark.parametrize("layer_loop", [dict(), dict(unroll_layers=True), dict(unroll_layers=True, remat=True)],
+                         ids=["scanned", "unrolled", "unrolled_remat"])
+def test_gradients_match_transformers(family, overrides, layer_loop):
     """Every parameter's gradient of a weighted token-logprob loss equals torch autograd's (the
-    decoder's matmuls have a hand-written backward pass; tied and untied heads, biases)."""
-    cfg = ModelConfig.tiny(family, **overrides)
+    decoder's matmuls have a hand-written backward pass; tied and untied heads, biases), with the
+    layers scanned or unrolled (the update's layer loop on CPU), recomputed in the backward pass or not."""
+    cfg = ModelConfig.tiny(family, **overrides, **layer_loop)
     graphdef, state = random_model(cfg)
     reference = torch_model(cfg, state)
     rng = np.random.RandomState(2)

@@ -6,10 +6,12 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from mappa_jax.config import ConfigError, config_from_file, validate
+from mappa_jax.models.weights import abstract_model
 from mappa_jax.models.known import KNOWN_ARCHITECTURES, architecture
-from mappa_jax.plan import device_bytes, plan_run
+from mappa_jax.plan import device_bytes, plan_run, train_unrolls_layers
 from mappa_jax.workflows import topology_from_config
 
 CONFIGS = sorted(pathlib.Path(__file__).resolve().parent.parent.glob("configs/*.py"))
@@ -111,3 +113,21 @@ def test_device_bytes_counts_one_shard():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
     tree = {"a": jax.ShapeDtypeStruct((4, 3), np.float32, sharding=sharding)}
     assert device_bytes(tree) == 48
+
+
+def test_update_layer_loop_follows_the_platform():
+    """model.train_unroll_layers: "auto" unrolls the update's layers on CPU and keeps the scan for a
+    TPU slice (compiled ahead of time from this CPU machine); "on" / "off" force it; anything else
+    is refused naming the key."""
+    from mappa_jax.compile import target_devices
+    from mappa_jax.parallel import make_mesh
+    cpu, tpu = make_mesh(devices=jax.devices()[:1]), make_mesh(devices=target_devices("v5e-8"))
+    assert train_unrolls_layers("auto", cpu) and not train_unrolls_layers("auto", tpu)
+    assert train_unrolls_layers("on", tpu) and not train_unrolls_layers("off", cpu)
+    config = config_from_file(CONFIGS[0].parent / "tiny.py")
+    plan = plan_run(config, jax.devices()[:1])
+    assert nnx.merge(plan.updater.graphdef, abstract_model(plan.model)[1]).cfg.unroll_layers
+    assert not nnx.merge(plan.sampler.graphdef, abstract_model(plan.model)[1]).cfg.unroll_layers  # prefill: no gain
+    config.model.train_unroll_layers = "yes"
+    with pytest.raises(ConfigError, match="model.train_unroll_layers"):
+        validate(config)

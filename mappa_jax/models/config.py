@@ -58,6 +58,11 @@ class ModelConfig:
     attention_impl: str = "dense"
     attention_block_size: int = 512
     attention_query_block: int = 0
+    # Calls without a cache run the stacked layers as a scan; unroll_layers unrolls it, so XLA:CPU
+    # reads each layer's weights in place instead of copying their slices at every iteration (and
+    # writing the gradient slices back). The update's graph sets it on CPU (config key
+    # model.train_unroll_layers); the sampler's prefill gains nothing from it. Same numbers.
+    unroll_layers: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:

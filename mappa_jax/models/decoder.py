@@ -503,7 +503,7 @@ class Decoder(nnx.Module):
                 scanned = jax.checkpoint(scanned, policy=remat_policy(cfg.remat_policy),
                                          prevent_cse=False)
             adapters = None if lora is None else lora.layer_params()
-            x, kv = jax.lax.scan(scanned, x, (self.layer_params(), adapters))
+            x, kv = jax.lax.scan(scanned, x, (self.layer_params(), adapters), unroll=bool(cfg.unroll_layers))
             new_cache = None if kv is None else KVCache(*(tuple(a[i] for i in range(cfg.num_layers)) for a in kv))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if return_hidden:

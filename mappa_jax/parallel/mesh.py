@@ -53,6 +53,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+def mesh_platform(mesh) -> str:
+    """The platform a mesh's programs run on ("cpu", "tpu", ...): its devices' (for a TPU slice
+    compiled ahead of time on a CPU machine, "tpu"), else the default backend's (no mesh, or an
+    AbstractMesh). Resolves the platform-dependent "auto" options."""
+    devices = getattr(mesh, "devices", None)
+    return jax.default_backend() if devices is None else devices.flat[0].platform
+
+
 def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The PartitionSpec of one parameter, by its name (last path entry that names a rule)."""
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]

@@ -155,8 +155,8 @@ class Sampler:
     @property
     def platform(self) -> str:
         """The platform the programs run on ("cpu", "tpu", ...), which resolves the "auto" options."""
-        devices = getattr(self.mesh, "devices", None)  # an AbstractMesh has none: the default backend's
-        return jax.default_backend() if devices is None else devices.flat[0].platform
+        from mappa_jax.parallel import mesh_platform
+        return mesh_platform(self.mesh)
 
     @property
     def unstacks_weights(self) -> bool:
