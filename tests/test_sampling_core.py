@@ -306,7 +306,7 @@ def test_rows_that_stop_early_are_dropped_with_the_same_tokens(tiny):
     kw = dict(max_new_tokens=budget, temperature=1.0, seed=11, stop_token_ids=list(range(3, cfg.vocab_size, 9)))
     got, ref = compacting.generate(state, prompts, **kw), whole.generate(state, prompts, **kw)
     np.testing.assert_array_equal(got.tokens, ref.tokens)
-    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-6)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)  # other batch shapes: other sum orders
     np.testing.assert_array_equal(got.lengths, ref.lengths)
     np.testing.assert_array_equal(got.truncated, ref.truncated)
     assert len(set(ref.lengths.tolist())) >= 3, ref.lengths  # the seed gives a spread of stopping steps
@@ -344,7 +344,8 @@ def test_stacked_and_unstacked_decode_weights_sample_the_same(tiny):
         kw = dict(max_new_tokens=12, temperature=1.0, seed=3, stop_token_ids=[], lora=adapters)
         got, ref = sampler.generate(state, PROMPTS, **kw), stacked.generate(state, PROMPTS, **kw)
         np.testing.assert_array_equal(got.tokens, ref.tokens)
-        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-6)
+        # Two XLA programs sum in different orders: a few float32 ulps apart (1.4e-6 seen on AVX-512).
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
     with pytest.raises(ValueError, match="decode_weights"):
         SamplerConfig(decode_weights="per_layer")
 
