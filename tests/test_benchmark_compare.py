@@ -141,14 +141,18 @@ def test_the_mappa_sampler_worker_at_smoke_size(tmp_path):
     """The real sampler worker (SmolLM2-135M from the GGUF) runs through the programs the Sampler
     builds and reports the decode's own rate and a greedy check; on the second-turn workload the
     next turn from the kept KV cache prefills only what the runner appended (the end of the first
-    turn and the tool output). One compare run, one process per workload."""
+    turn and the tool output); on the EOS workload the yes/no row stops early and the loop goes on
+    in a smaller batch bucket (a second timed decode call after the first donated its cache). One
+    compare run, one process per workload."""
     out, raw = _run(tmp_path, ["mappa_sampler"], [], rounds=1, repeats="1",
-                    more=("--workloads", "sample_b2", "second_turn_b2"))
-    ours, second = (raw["summaries"][f"{w}/mappa_sampler"] for w in ("sample_b2", "second_turn_b2"))
-    assert ours["ok"] and second["ok"], (ours, second)
+                    more=("--workloads", "sample_b2", "second_turn_b2", "sample_b3_eos"))
+    ours, second, eos = (raw["summaries"][f"{w}/mappa_sampler"] for w in ("sample_b2", "second_turn_b2", "sample_b3_eos"))
+    assert ours["ok"] and second["ok"] and eos["ok"], (ours, second, eos)
     info = {r["workload"]: r["info"] for r in raw["runs"]}
     assert ours["units_per_call"] == 2 * 8 and len(info["sample_b2"]["greedy_tokens"]) > 0
     assert info["sample_b2"]["decode_tokens_per_s"][0] > 0
+    stopping = info["sample_b3_eos"]
+    assert stopping["generated_tokens"] <= stopping["row_steps"] < 3 * 32  # rows were dropped
     turn = info["second_turn_b2"]
     appended = turn["prompt_tokens"] - turn["first_turn_prompt_tokens"] - 2 * 8
     assert turn["prefilled_tokens"] == appended > 0
