@@ -42,17 +42,19 @@ def test_logits_match_transformers_gguf_load(smollm2, reference, chat_prompt):
 
 def test_greedy_generation_matches_transformers(smollm2, reference, chat_prompt):
     cfg, state, _ = smollm2
-    model = weights.merge(cfg, state)
     with torch.no_grad():
         expected = reference.generate(torch.tensor([chat_prompt]), max_new_tokens=20, do_sample=False,
                                       eos_token_id=None, pad_token_id=2)[0, len(chat_prompt):].tolist()
     # Plain greedy decode by full forward passes over a fixed right-padded buffer (one compile):
-    # causal attention makes the padding invisible. The sampler has its own tests.
-    forward = jax.jit(lambda x: model(x, jnp.arange(x.shape[1])[None], jnp.ones_like(x, bool))[0])
+    # causal attention makes the padding invisible. The sampler has its own tests. The weights are
+    # an argument, not captured: as constants they would be hashed into the compilation cache's key
+    # (enabled in-process by the trainer tests before this one), which took 2 minutes in the suite.
+    forward = jax.jit(lambda state, x: weights.merge(cfg, state)(x, jnp.arange(x.shape[1])[None],
+                                                                 jnp.ones_like(x, bool))[0])
     buffer = np.zeros((1, len(chat_prompt) + 20), np.int32)
     buffer[0, :len(chat_prompt)] = chat_prompt
     for n in range(len(chat_prompt), buffer.shape[1]):
-        buffer[0, n] = int(jnp.argmax(forward(jnp.asarray(buffer))[0, n - 1]))
+        buffer[0, n] = int(jnp.argmax(forward(state, jnp.asarray(buffer))[0, n - 1]))
     assert buffer[0, len(chat_prompt):].tolist() == expected
 
 
