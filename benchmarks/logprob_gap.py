@@ -39,7 +39,7 @@ out = Sampler(cfg, sc).generate(state, prompts, n=2, max_new_tokens=64, temperat
 has_t = "temperature" in Sample._fields  # the code before per-agent temperatures lacked it
 samples = [Sample(prompts[r // 2], out.tokens[r, :n].tolist(), out.logprobs[r, :n].tolist(), 1.0, False, r // 2,
                   *((T,) if has_t else ())) for r, n in enumerate(out.lengths)]
-rl = RLConfig(train_batch_size=8, micro_batch_size=4, old_logprobs="sampler")
+rl = RLConfig(train_batch_size=8, micro_batch_size=4, old_logprobs="trainer")  # prepare_experiences logs the gap
 graphdef = abstract_model(cfg)[0]
 updater = PolicyUpdater(graphdef, rl, make_mesh())
 exp = build_experience(samples, batch_buckets=tuple(8 * 2 ** k for k in range(4)), batch_multiple=8, pad_id=sc.pad_token_id,
@@ -47,8 +47,9 @@ exp = build_experience(samples, batch_buckets=tuple(8 * 2 ** k for k in range(4)
 prepared, metrics = prepare_experiences(updater, {"problem_solver": updater.new_full_agent(state)}, {"problem_solver": exp})
 e = jax.device_get(prepared["problem_solver"])
 mask = np.asarray(e.loss_mask)
-model = nnx.merge(graphdef, state)
-logits = np.asarray(jax.jit(lambda t, m: model(t, positions_from_mask(m), m)[0])(jnp.asarray(e.tokens), jnp.asarray(e.attention_mask)), np.float64)[:, :-1] / T
+# The weights go in as an argument: captured, they would compile into the program as constants.
+forward = jax.jit(lambda st, t, m: nnx.merge(graphdef, st)(t, positions_from_mask(m), m)[0])
+logits = np.asarray(forward(state, jnp.asarray(e.tokens), jnp.asarray(e.attention_mask)), np.float64)[:, :-1] / T
 logits -= logits.max(-1, keepdims=True)
 logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
 behaviour = np.pad(np.take_along_axis(logp, np.asarray(e.tokens)[:, 1:, None], -1)[..., 0], ((0, 0), (1, 0)))
