@@ -74,7 +74,7 @@ def workloads(quick: bool) -> list[dict]:
     agent's turn after a tool output, from the first turn's kept KV cache or prefilled in full."""
     if quick:
         return [dict(name="sample_b2", kind="sample", batch=2, prompt_tokens=100, new_tokens=8),
-                dict(name="sample_b3_eos", kind="sample_eos", batch=3, prompt_tokens=0, new_tokens=32),
+                dict(name="sample_b3_eos", kind="sample_eos", batch=3, prompt_tokens=0, new_tokens=64),
                 dict(name="second_turn_b2", kind="second_turn", batch=2, prompt_tokens=100, new_tokens=8),
                 dict(name="update_tiny", kind="update", preset="tiny", batch=2, micro=2, seq=32)]
     # 128 new tokens (not 256) keeps the whole comparison near an hour on a 2-core machine.

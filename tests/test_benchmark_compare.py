@@ -152,7 +152,8 @@ def test_the_mappa_sampler_worker_at_smoke_size(tmp_path):
     assert ours["units_per_call"] == 2 * 8 and len(info["sample_b2"]["greedy_tokens"]) > 0
     assert info["sample_b2"]["decode_tokens_per_s"][0] > 0
     stopping = info["sample_b3_eos"]
-    assert stopping["generated_tokens"] <= stopping["row_steps"] < 3 * 32  # rows were dropped
+    # rows were dropped: at 64 new tokens, in 16 of 16 seeds probed (at 32: 10 of 12)
+    assert stopping["generated_tokens"] <= stopping["row_steps"] < 3 * 64
     turn = info["second_turn_b2"]
     appended = turn["prompt_tokens"] - turn["first_turn_prompt_tokens"] - 2 * 8
     assert turn["prefilled_tokens"] == appended > 0
