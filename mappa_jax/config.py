@@ -221,7 +221,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.train_attention not in ("dense", "blockwise"):
         raise ConfigError(f"config key 'model.train_attention' must be 'dense' or 'blockwise', "
                           f"got {config.model.train_attention!r}")
-    if config.model.get("train_unroll_layers", "auto") not in ("auto", "on", "off"):
+    if config.model.train_unroll_layers not in ("auto", "on", "off"):
         raise ConfigError("config key 'model.train_unroll_layers' must be 'auto', 'on' or 'off', "
                           f"got {config.model.train_unroll_layers!r}")
     dtypes = ("float32", "bfloat16", "float16")

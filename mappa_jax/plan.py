@@ -78,13 +78,13 @@ def train_unrolls_layers(setting: str, mesh) -> bool:
     return setting == "on" or (setting == "auto" and parallel.mesh_platform(mesh) == "cpu")
 
 
-def train_graphdef(config, model_cfg: ModelConfig, mesh=None):
+def train_graphdef(config, model_cfg: ModelConfig, mesh):
     """The update's decoder graph: the same parameters, the memory and layer-loop settings of
     config.model (the layer loop's "auto" resolved for `mesh`'s platform)."""
     m = config.model
     return weights.abstract_model(model_cfg.replace(
         remat=m.train_remat, attention_impl=m.train_attention, attention_block_size=m.train_attention_block,
-        unroll_layers=train_unrolls_layers(m.get("train_unroll_layers", "auto"), mesh)))[0]
+        unroll_layers=train_unrolls_layers(m.train_unroll_layers, mesh)))[0]
 
 
 def make_adapters(config, model_cfg: ModelConfig, index: int) -> LoraAdapters:

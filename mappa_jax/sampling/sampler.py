@@ -30,6 +30,7 @@ from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.decoder import WEIGHTS_FIRST_MAX_ROWS, KVCache
 from mappa_jax.models.weights import abstract_model
 from mappa_jax.parallel.distributed import fetch_global
+from mappa_jax.parallel.mesh import mesh_platform
 from mappa_jax.sampling.config import SamplerConfig, bucket_for
 from mappa_jax.sampling.engine import DecodeProgress, SamplerPrograms, build_programs
 from mappa_jax.sampling.stops import compile_stop_patterns, stop_table_arrays, token_bytes
@@ -155,7 +156,6 @@ class Sampler:
     @property
     def platform(self) -> str:
         """The platform the programs run on ("cpu", "tpu", ...), which resolves the "auto" options."""
-        from mappa_jax.parallel import mesh_platform
         return mesh_platform(self.mesh)
 
     @property
