@@ -14,11 +14,21 @@ out transposed for weights-first matmuls (`decoder.matmul_weights_first`; what "
 default on CPU, runs). The variants are timed round-robin, `--repeats` times each; the table shows
 medians and min-max, with the load average before and after. The decode loop of the sampler runs
 exactly the whole step plus sampling per token.
+
+Then a floor. First each distinct matmul of the step alone (all cores, its weights hot in cache),
+as weights first (w [O, I] @ x^T) and activations first (x @ w [I, O]), q/k/v and gate/up also
+fused into one matmul each. Then the step's matmuls alone, chained as in the model, every layer
+with weights of its own, so that they stream from memory as in decoding (`matmul_chain_ms`). That
+chain plus the attention and the sampling above is the floor of a decode step made of XLA:CPU's
+kernels, and bounds the fraction of the compute roofline (the step's FLOPs at this machine's
+measured float32 matmul peak, as benchmarks/compare.py computes it) that it can reach; also with
+the attention at its bandwidth bound, and with the matmuls alone.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -29,9 +39,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mappa_jax.models import hub, weights  # noqa: E402
-from mappa_jax.models.decoder import KEYS_FROM_CACHE, KVCache, attention, matmul_weights_first  # noqa: E402
+from mappa_jax.models.decoder import (KEYS_FROM_CACHE, KVCache, attention, matmul_weights_first,  # noqa: E402
+                                      projection_shapes)
 from mappa_jax.models.weights import abstract_model  # noqa: E402
 from mappa_jax.sampling.sample import next_tokens, row_keys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
+from roofline import copy_bandwidth_gbs, jax_matmul_gflops, numpy_matmul_gflops  # noqa: E402  (the ceilings' worker)
 
 
 def main():
@@ -124,9 +138,103 @@ def main():
     print(f"SmolLM2-135M float32, batch {b}, {s} cache slots, {args.repeats} repeats round-robin; "
           f"load {load_before:.1f} -> {load_after:.1f}")
     print("| part | ms per step, median (min-max) |\n|---|---|")
+    medians = {}
     for name, ts in times.items():
         ms = np.array(ts) * 1e3 / per_call_steps.get(name, 1)
-        print(f"| {name} | {np.median(ms):.1f} ({ms.min():.1f}-{ms.max():.1f}) |")
+        medians[name] = np.median(ms)
+        print(f"| {name} | {medians[name]:.1f} ({ms.min():.1f}-{ms.max():.1f}) |")
+    print_floor(cfg, b, s, args.repeats, medians["attention over the cache layers"], medians["sampling one token"])
+
+
+def matmul_alone_ms(rows: int, fan_in: int, fan_out: int, repeats: int) -> dict[str, float]:
+    """Fastest time (ms) of x [rows, fan_in] times a [fan_in, fan_out] weight, alone in its own
+    jitted program, weights first and activations first."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((rows, fan_in), np.float32))
+    w = rng.standard_normal((fan_in, fan_out), np.float32)
+    variants = {"weights first": (jax.jit(lambda w_t, x: jnp.dot(w_t, x.T)), jnp.asarray(w.T.copy())),
+                "activations first": (jax.jit(lambda w, x: jnp.dot(x, w)), jnp.asarray(w))}
+    best = {}
+    for name, (fn, weight) in variants.items():
+        fn(weight, x).block_until_ready()
+        start = time.perf_counter()
+        fn(weight, x).block_until_ready()
+        calls = max(1, int(0.02 / (time.perf_counter() - start)))  # ~20 ms a timing
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                out = fn(weight, x)
+            out.block_until_ready()
+            timings.append((time.perf_counter() - start) / calls)
+        best[name] = min(timings) * 1e3
+    return best
+
+
+def matmul_chain_ms(cfg, batch: int, repeats: int, fused: bool) -> float:
+    """Fastest time (ms) of the step's matmuls alone: every layer's q/k/v, o, gate/up and down
+    projections (weights first, separate or fused) and the head, chained through adds and a product
+    as in the model so that none overlaps another, each layer with weights of its own (streamed
+    from memory, as in decoding; values are random: the time does not depend on them)."""
+    rng = np.random.default_rng(0)
+    shapes = projection_shapes(cfg)
+    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, shapes["q_proj"][1], shapes["k_proj"][1]
+    weight = lambda fan_out, fan_in: jnp.asarray(rng.standard_normal((fan_out, fan_in), np.float32) * 0.02)
+    groups = {"qkv": ((q + 2 * kv, d),) if fused else ((q, d), (kv, d), (kv, d)), "o": ((d, q),),
+              "gate_up": ((2 * f, d),) if fused else ((f, d), (f, d)), "down": ((d, f),)}
+    layers = [{name: [weight(*shape) for shape in shapes] for name, shapes in groups.items()}
+              for _ in range(cfg.num_layers)]
+    head = weight(cfg.vocab_size, d)
+
+    def chain(layers, head, x):
+        project = lambda ws, x: jnp.concatenate([matmul_weights_first(x, w) for w in ws], axis=-1)
+        for w in layers:
+            x = x + project(w["o"], project(w["qkv"], x)[:, :q])
+            gate_up = project(w["gate_up"], x)
+            x = x + project(w["down"], gate_up[:, :f] * gate_up[:, f:])
+        return matmul_weights_first(x, head)
+
+    fn, x = jax.jit(chain), jnp.full((batch, d), 0.1, jnp.float32)
+    fn(layers, head, x).block_until_ready()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(layers, head, x).block_until_ready()
+        timings.append(time.perf_counter() - start)
+    return min(timings) * 1e3
+
+
+def print_floor(cfg, batch: int, slots: int, repeats: int, attention_ms: float, sampling_ms: float):
+    shapes = projection_shapes(cfg)
+    d = cfg.hidden_size
+    shapes["q_proj + k_proj + v_proj fused"] = (d, sum(shapes[k][1] for k in ("q_proj", "k_proj", "v_proj")))
+    shapes["gate_proj + up_proj fused"] = (d, 2 * cfg.intermediate_size)
+    shapes["output head"] = (d, cfg.vocab_size)
+    print(f"\nEach matmul alone, {batch} rows, fastest of {repeats} (ms; its weights hot in cache):\n"
+          "| matmul (in -> out) | weights first | activations first | GFLOP/s of the faster |\n|---|---|---|---|")
+    for name, (fan_in, fan_out) in shapes.items():
+        ms = matmul_alone_ms(batch, fan_in, fan_out, repeats)
+        print(f"| {name} ({fan_in} -> {fan_out}) | {ms['weights first']:.3f} | {ms['activations first']:.3f} | "
+              f"{2 * batch * fan_in * fan_out / min(ms.values()) / 1e6:.0f} |")
+    chains = {fused: matmul_chain_ms(cfg, batch, repeats, fused) for fused in (False, True)}
+    matmuls = min(chains.values())
+    peak = max(numpy_matmul_gflops(4096, 3), jax_matmul_gflops(4096, 3)) * 1e9
+    bandwidth = max(copy_bandwidth_gbs(1024, os.cpu_count() or 1, 3), copy_bandwidth_gbs(1024, 1, 3)) * 1e9
+    kv_bytes = 4 * 2 * cfg.num_layers * batch * cfg.num_kv_heads * slots * cfg.head_dim
+    flops = batch * (2 * cfg.num_params() + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * slots)
+    roofline_ms = flops / peak * 1e3
+    floor = matmuls + attention_ms + sampling_ms
+    generous = matmuls + kv_bytes / bandwidth * 1e3 + sampling_ms
+    print(f"\nThe step's matmuls alone, chained as in the model, each layer's weights streamed from memory, "
+          f"fastest of {repeats}: {chains[False]:.1f} ms with q/k/v and gate/up separate (as the sampler runs them), "
+          f"{chains[True]:.1f} ms fused.\n"
+          f"Compute roofline: {flops / 1e9:.2f} GFLOP per step at {peak / 1e9:.0f} GFLOP/s (the faster of NumPy's "
+          f"and jax.jit's 4096^3 float32 matmul) = {roofline_ms:.1f} ms, as benchmarks/compare.py computes it.\n"
+          f"Floor of a decode step made of these kernels: matmuls {matmuls:.1f} + attention {attention_ms:.1f} + "
+          f"sampling {sampling_ms:.1f} = {floor:.1f} ms, at most {roofline_ms / floor:.0%} of the roofline; with "
+          f"attention at its bandwidth bound ({kv_bytes / 1e6:.0f} MB of cache at {bandwidth / 1e9:.1f} GB/s: "
+          f"{kv_bytes / bandwidth * 1e3:.1f} ms) {generous:.1f} ms, at most {roofline_ms / generous:.0%}; the "
+          f"matmuls alone, at most {roofline_ms / matmuls:.0%}.")
 
 
 if __name__ == "__main__":
