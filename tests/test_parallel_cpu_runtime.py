@@ -99,10 +99,13 @@ TEMPORARY = textwrap.dedent('''
     x, w = jnp.ones((256, 64)), jnp.ones((64, 65536)) / 64
     f = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w.T)
     f(x, w).block_until_ready(); f(x, w).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        f(x, w).block_until_ready()
-    print("FAULTS", applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+    per_call = []
+    for _ in range(3):  # the quietest of 3 windows: a one-off fault burst elsewhere does not count
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            f(x, w).block_until_ready()
+        per_call.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+    print("FAULTS", applied, min(per_call))
 ''')
 
 
@@ -110,7 +113,10 @@ TEMPORARY = textwrap.dedent('''
 def test_kept_host_memory_spares_the_page_faults_of_each_execution():
     faults = {}
     for setting in ("1", "0"):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", **{cpu_runtime.ENV_KEEP_MEMORY: setting})
+        # A clean environment: what earlier tests set (a compilation cache directory, say) changes
+        # how this process allocates.
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "PYTHONPATH")}
+        env.update(JAX_PLATFORMS="cpu", **{cpu_runtime.ENV_KEEP_MEMORY: setting})
         done = subprocess.run([sys.executable, "-c", TEMPORARY], env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
