@@ -42,7 +42,6 @@ from mappa_jax.models import hub, weights  # noqa: E402
 from mappa_jax.models.decoder import (KEYS_FROM_CACHE, KVCache, attention, matmul_weights_first,  # noqa: E402
                                       projection_shapes)
 from mappa_jax.models.weights import abstract_model  # noqa: E402
-from mappa_jax.parallel.cpu_runtime import keep_freed_host_memory  # noqa: E402
 from mappa_jax.sampling.sample import next_tokens, row_keys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
@@ -57,7 +56,6 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--loop-steps", type=int, default=8, help="whole steps per timed decode loop")
     args = parser.parse_args()
-    keep_freed_host_memory()  # as mappa-train does, before JAX starts
     cfg, state = weights.load_gguf(hub.smollm2_gguf_path())
     graphdef, _ = abstract_model(cfg)
     b, s = args.batch, args.slots

@@ -23,7 +23,6 @@ from flax import nnx
 from mappa_jax.models.config import ModelConfig
 from mappa_jax.models.decoder import Decoder, projection_shapes
 from mappa_jax.parallel import make_mesh
-from mappa_jax.parallel.cpu_runtime import keep_freed_host_memory
 from mappa_jax.plan import train_unrolls_layers
 from mappa_jax.rl import RLConfig, Sample, build_experience, prepare_experiences
 from mappa_jax.rl.update import PolicyUpdater
@@ -147,7 +146,6 @@ def main():
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (prompt + generation)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    keep_freed_host_memory()  # as mappa-train does, before JAX starts
 
     cfg = model_config(args.preset)
     rl = rl_config(args.batch, args.micro)

@@ -17,8 +17,6 @@ import common  # noqa: E402
 
 
 def prepare(workload: dict, system: str) -> common.Prepared:
-    from mappa_jax.parallel.cpu_runtime import keep_freed_host_memory
-    keep_freed_host_memory()  # as mappa-train does, before JAX starts
     import time
 
     import jax

@@ -10,8 +10,6 @@ import common  # noqa: E402
 
 
 def prepare(workload: dict, system: str) -> common.Prepared:
-    from mappa_jax.parallel.cpu_runtime import keep_freed_host_memory
-    keep_freed_host_memory()  # as mappa-train does, before JAX starts
     import update
     cfg = update.model_config(workload["preset"])
     batch, seq = workload["batch"], workload["seq"]

@@ -1,8 +1,6 @@
-"""XLA:CPU process set-up, done before the CPU client exists: the runtime's thread pool, so that
-collectives can't starve it, and malloc's handling of freed host memory, so that each execution
-reuses the pages of the last one (see "host memory" below).
+"""Several XLA:CPU devices in one process: size the runtime's thread pool so collectives can't starve it.
 
-Thread pool: XLA:CPU runs each device's share of a multi-device program on one thread pool of
+XLA:CPU runs each device's share of a multi-device program on one thread pool of
 max(cores, devices) threads, and a share blocked in a collective keeps its thread until every
 device's share arrives. With two or more such programs in flight (async dispatch, or the sampler's
 worker thread beside the main thread), their shares can fill the pool with no program complete: the
@@ -14,7 +12,6 @@ runs are unaffected.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 from typing import MutableMapping
@@ -61,44 +58,3 @@ def cpu_pool_warning(num_cpu_devices: int, env: MutableMapping[str, str] | None 
             "two multi-device programs in flight can starve each other's collectives (XLA aborts after "
             f"40 s). Set {ENV_POOL}={PROGRAMS_IN_FLIGHT * num_cpu_devices} before JAX starts "
             "(mappa_jax.parallel.cpu_runtime.size_cpu_thread_pool does it).")
-
-
-# ---- host memory ---------------------------------------------------------------------------------
-# XLA:CPU mallocs each execution's temporary buffer and frees it afterwards: 527 MB for an update
-# step of benchmarks/update.py's small preset. glibc serves a request that large with a fresh mmap
-# and unmaps it on free, so every step faults in every page again: 130,000 minor page faults and
-# ~0.24 s of kernel time per 1.1 s step on a 2-core machine. With one arena (the executing thread
-# would otherwise get its own, whose heaps cannot hold such a buffer and fall back to mmap), no mmap
-# and no trimming, the freed buffer stays mapped and the next execution reuses its pages.
-ENV_KEEP_MEMORY = "MAPPA_KEEP_FREED_HOST_MEMORY"  # "auto" (default) | "1" | "0"
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
-_ACCELERATOR_DEVICE_FILES = ("/dev/nvidia0", "/dev/kfd", "/dev/accel0", "/dev/vfio")
-
-
-def cpu_only_process(env: MutableMapping[str, str] | None = None) -> bool:
-    """Whether JAX in this process will run on the CPU: JAX_PLATFORMS names cpu first, or names
-    nothing and the machine has no GPU or TPU device file (checked without starting JAX)."""
-    env = os.environ if env is None else env
-    platforms = env.get("JAX_PLATFORMS", "").strip()
-    if platforms:
-        return platforms.split(",")[0].strip() == "cpu"
-    return not any(os.path.exists(path) for path in _ACCELERATOR_DEVICE_FILES)
-
-
-def keep_freed_host_memory(env: MutableMapping[str, str] | None = None) -> bool:
-    """On glibc, in a process that runs JAX on the CPU (MAPPA_KEEP_FREED_HOST_MEMORY=auto, the
-    default; 1 forces it, 0 turns it off): make malloc keep freed memory mapped for reuse (one arena,
-    no mmap, no trimming below 2 GB). It must run before the CPU client's threads first allocate,
-    i.e. before the first JAX computation. Returns whether it applied. The process's peak memory is
-    unchanged; its resident size no longer drops between executions."""
-    env = os.environ if env is None else env
-    setting = env.get(ENV_KEEP_MEMORY, "auto").strip().lower()
-    if setting not in ("auto", "1", "0"):
-        raise ValueError(f"{ENV_KEEP_MEMORY}={setting!r}: expected auto, 1 or 0")
-    if setting == "0" or (setting == "auto" and not cpu_only_process(env)):
-        return False
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "gnu_get_libc_version"):  # macOS, musl: their allocators work otherwise
-        return False
-    options = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    return all(libc.mallopt(option, value) == 1 for option, value in options)

@@ -37,7 +37,7 @@ import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
-from mappa_jax.parallel.cpu_runtime import keep_freed_host_memory, size_cpu_thread_pool
+from mappa_jax.parallel.cpu_runtime import size_cpu_thread_pool
 
 MODES = ("auto", "none", "tpu", "slurm", "explicit")
 ENV_COORDINATOR = "MAPPA_COORDINATOR_ADDRESS"
@@ -216,8 +216,7 @@ def initialize(config=None, env: Mapping[str, str] | None = None) -> ClusterSpec
     section, or None) before any JAX computation; a no-op for a single process or when already
     initialized. Returns the resolved spec."""
     import jax
-    size_cpu_thread_pool()  # both before the CPU client exists; see cpu_runtime
-    keep_freed_host_memory()
+    size_cpu_thread_pool()  # before the CPU client exists; see cpu_runtime
     spec = resolve(config, env)
     if spec.is_single or jax.distributed.is_initialized():
         return spec
