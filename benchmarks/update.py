@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 import jax
@@ -91,13 +92,16 @@ def jax_update_step(cfg: ModelConfig, rl: RLConfig, samples, seq: int):
     return step
 
 
-def bench_jax(cfg: ModelConfig, rl: RLConfig, samples, seq: int, repeats: int) -> float:
+def bench_jax(cfg: ModelConfig, rl: RLConfig, samples, seq: int, repeats: int) -> tuple[float, dict]:
+    """Seconds per step, and per step: the process's minor page faults and kernel CPU seconds."""
     step = jax_update_step(cfg, rl, samples, seq)
     step()  # compile + warm-up
-    start = time.perf_counter()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(repeats):
         step()
-    return (time.perf_counter() - start) / repeats
+    seconds, after = (time.perf_counter() - start) / repeats, resource.getrusage(resource.RUSAGE_SELF)
+    return seconds, {"page_faults": (after.ru_minflt - before.ru_minflt) / repeats,
+                     "kernel_s": (after.ru_stime - before.ru_stime) / repeats}
 
 
 def torch_update_step(cfg: ModelConfig, rl: RLConfig, samples):
@@ -156,8 +160,9 @@ def main():
     print(f"model {args.preset}: {cfg.num_params() / 1e6:.1f}M params; batch {args.batch} x {args.seq} tokens, "
           f"micro-batch {args.micro}; backend {jax.default_backend()} ({len(jax.devices())} devices)")
     print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (float32); update FLOPs {flops / 1e9:.1f} G")
-    jax_s = bench_jax(cfg, rl, samples, args.seq, args.repeats)
-    print(f"JAX update:     {jax_s * 1e3:8.1f} ms  {tokens / jax_s:9.0f} tokens/s  MFU {flops / jax_s / peak:6.1%}")
+    jax_s, rusage = bench_jax(cfg, rl, samples, args.seq, args.repeats)
+    print(f"JAX update:     {jax_s * 1e3:8.1f} ms  {tokens / jax_s:9.0f} tokens/s  MFU {flops / jax_s / peak:6.1%}  "
+          f"per step: {rusage['page_faults']:.0f} minor page faults, {rusage['kernel_s']:.2f} s kernel time")
 
 
 if __name__ == "__main__":
