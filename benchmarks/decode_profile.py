@@ -45,7 +45,7 @@ from mappa_jax.models.weights import abstract_model  # noqa: E402
 from mappa_jax.sampling.sample import next_tokens, row_keys  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
-from roofline import copy_bandwidth_gbs, jax_matmul_gflops, numpy_matmul_gflops  # noqa: E402  (the ceilings' worker)
+from roofline import copy_bandwidth_gbs, jax_matmul_gflops, numpy_matmul_gflops, smollm2_bytes  # noqa: E402
 
 
 def main():
@@ -182,7 +182,7 @@ def matmul_chain_ms(cfg, batch: int, repeats: int, fused: bool) -> float:
     weight = lambda fan_out, fan_in: jnp.asarray(rng.standard_normal((fan_out, fan_in), np.float32) * 0.02)
     groups = {"qkv": ((q + 2 * kv, d),) if fused else ((q, d), (kv, d), (kv, d)), "o": ((d, q),),
               "gate_up": ((2 * f, d),) if fused else ((f, d), (f, d)), "down": ((d, f),)}
-    layers = [{name: [weight(*shape) for shape in shapes] for name, shapes in groups.items()}
+    layers = [{name: [weight(*shape) for shape in group] for name, group in groups.items()}
               for _ in range(cfg.num_layers)]
     head = weight(cfg.vocab_size, d)
 
@@ -220,8 +220,9 @@ def print_floor(cfg, batch: int, slots: int, repeats: int, attention_ms: float, 
     matmuls = min(chains.values())
     peak = max(numpy_matmul_gflops(4096, 3), jax_matmul_gflops(4096, 3)) * 1e9
     bandwidth = max(copy_bandwidth_gbs(1024, os.cpu_count() or 1, 3), copy_bandwidth_gbs(1024, 1, 3)) * 1e9
-    kv_bytes = 4 * 2 * cfg.num_layers * batch * cfg.num_kv_heads * slots * cfg.head_dim
-    flops = batch * (2 * cfg.num_params() + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * slots)
+    per_token = smollm2_bytes()  # the roofline worker's per-token bytes and FLOPs, as compare.py uses them
+    kv_bytes = batch * slots * per_token["kv_bytes_per_token_f32"]
+    flops = batch * (per_token["matmul_flops_per_token"] + slots * per_token["attention_flops_per_token_per_slot"])
     roofline_ms = flops / peak * 1e3
     floor = matmuls + attention_ms + sampling_ms
     generous = matmuls + kv_bytes / bandwidth * 1e3 + sampling_ms
